@@ -1,0 +1,48 @@
+"""A small CPU runtime for llama.cpp GGUF files: load a model, run it with a KV cache, sample, generate and chat.
+
+    import runtime
+    model = runtime.load_gguf("model.gguf", n_ctx=2048)
+    cache = model.new_cache()
+    logits = model.forward(model.tokenizer.encode("Hello"), cache)
+"""
+
+from __future__ import annotations
+
+from llmq.errors import LlmqError
+
+from .gguf_file import open_gguf, read_metadata, tensors
+from .kvcache import CACHE_TYPES, KVCache
+from .models import model_module
+
+
+def load_gguf(path, *, n_ctx: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+              threads: int | None = None):
+    """Map a GGUF file and build its model (weights stay in the mapped file). n_ctx defaults to the training
+    context, capped at 4096; the cache types and n_ctx are the defaults of `model.new_cache()`."""
+    for name, cache_type in (("cache_type_k", cache_type_k), ("cache_type_v", cache_type_v)):
+        if cache_type not in CACHE_TYPES:
+            raise LlmqError(f"{name} {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
+    if threads is not None:
+        from . import kernels
+
+        kernels.set_num_threads(threads)
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    module = model_module(meta.get("general.architecture", "?"))
+    weights = tensors(reader)
+    if "token_embd.weight" not in weights:
+        raise LlmqError(f"{path} has no token_embd.weight tensor")
+    args = module.ModelArgs.from_metadata(meta, vocab_size=weights["token_embd.weight"].shape[0])
+    model = module.Model(args, weights)
+    model.metadata = meta
+    model.path = str(path)
+    model.reader = reader  # keeps the mapping alive as long as the model
+    if n_ctx is not None:
+        if n_ctx < 1:
+            raise LlmqError(f"n_ctx must be positive, got {n_ctx}")
+        model.n_ctx = n_ctx
+    model.cache_type_k, model.cache_type_v = cache_type_k, cache_type_v
+    return model
+
+
+__all__ = ["load_gguf", "KVCache", "CACHE_TYPES", "read_metadata", "open_gguf", "tensors", "LlmqError"]

@@ -1,0 +1,364 @@
+"""The decoder-only transformer of the llama family: llama, mistral (a llama GGUF), qwen2 (q/k/v biases) and
+qwen3 (per-head RMSNorm on q and k), in the numerics of llama.cpp's CPU backend.
+
+The model is built from GGUF tensor names -> weights, where a weight is a float32 array or a kernels.QTensor, so
+the same code runs a quantised GGUF and serves the converter's calibration on float weights. Every projection is a
+`Linear` with a name and an `input_hook`, and the model can be run piece by piece:
+
+    h = model.embed(tokens)
+    for block in model.layers:
+        h = block(h, pos=0)               # no cache: causal attention within the given tokens
+    logits = model.output(model.norm(h))
+
+Shapes: n = tokens in the batch, H = query heads, KV = key/value heads, G = H // KV (query heads per kv head),
+d = head_dim, L = keys attended to."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from llmq.errors import LlmqError
+
+# llama.cpp's llama_model_rope_type(): these architectures rotate (x[i], x[i + d/2]) pairs ("NEOX"); llama-type
+# GGUFs rotate adjacent (x[2i], x[2i+1]) pairs ("NORM") because convert_hf_to_gguf permutes their q/k rows.
+NEOX_ROPE_ARCHS = frozenset({"qwen2", "qwen3"})
+
+PREFILL_CHUNK = 512  # tokens per forward pass during prefill, like llama.cpp's default n_batch
+
+
+@dataclass
+class ModelArgs:
+    arch: str
+    n_layers: int
+    dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    norm_eps: float
+    rope_theta: float
+    rope_dim: int
+    rope_neox: bool
+    rope_freq_scale: float = 1.0  # 1 / linear rope-scaling factor
+    n_ctx_train: int = 4096
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], vocab_size: int | None = None) -> "ModelArgs":
+        arch = meta.get("general.architecture")
+        if arch is None:
+            raise LlmqError("GGUF has no general.architecture key")
+
+        def get(key, default=None):
+            value = meta.get(f"{arch}.{key}", default)
+            if value is None:
+                raise LlmqError(f"GGUF is missing the {arch}.{key} key")
+            return value
+
+        dim = int(get("embedding_length"))
+        n_heads = int(get("attention.head_count"))
+        head_dim = int(get("attention.key_length", dim // n_heads))
+        if vocab_size is None:
+            vocab_size = int(meta.get(f"{arch}.vocab_size") or len(get_tokens(meta)))
+        scaling = str(meta.get(f"{arch}.rope.scaling.type", "none"))
+        if scaling == "linear":
+            freq_scale = 1.0 / float(get("rope.scaling.factor"))
+        elif scaling == "none":
+            freq_scale = 1.0
+        else:
+            raise LlmqError(f"rope scaling type {scaling!r} is not supported (supported: none, linear, llama3)")
+        return cls(
+            arch=arch,
+            n_layers=int(get("block_count")),
+            dim=dim,
+            hidden_dim=int(get("feed_forward_length")),
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+            head_dim=head_dim,
+            vocab_size=vocab_size,
+            norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_dim=int(get("rope.dimension_count", head_dim)),
+            rope_neox=arch in NEOX_ROPE_ARCHS,
+            rope_freq_scale=freq_scale,
+            n_ctx_train=int(get("context_length", 4096)),
+        )
+
+
+def get_tokens(meta: Mapping[str, Any]) -> list:
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise LlmqError("GGUF has neither a vocab_size key nor tokenizer.ggml.tokens")
+    return tokens
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+
+class Linear:
+    """y = x W^T (+ b). W is a float32 array (rows, cols) or a kernels.QTensor; decode (one token) uses the
+    matrix-vector kernel, prefill the matrix-matrix one. `input_hook(name, x)` sees every input (for calibration)."""
+
+    def __init__(self, name: str, weight, bias: np.ndarray | None = None):
+        self.name = name
+        self.weight = weight
+        self.bias = bias
+        self.input_hook: Callable[[str, np.ndarray], None] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.input_hook is not None:
+            self.input_hook(self.name, x)
+        w = self.weight
+        if isinstance(w, np.ndarray):
+            y = x @ w.T
+        else:
+            from .. import kernels
+
+            y = kernels.matvec(w, x[0])[None, :] if x.shape[0] == 1 else kernels.matmul(w, x)
+        if self.bias is not None:
+            y = y + self.bias
+        return np.asarray(y, dtype=np.float32)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis (ggml_rms_norm followed by the weight multiply)."""
+    mean_square = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)  # ggml sums in double
+    return (x * (1.0 / np.sqrt(mean_square + eps)).astype(np.float32)) * weight
+
+
+class RMSNorm:
+    def __init__(self, weight: np.ndarray, eps: float):
+        self.weight = np.asarray(weight, dtype=np.float32)
+        self.eps = eps
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+class Rope:
+    """Rotary position embedding as ggml_rope_ext computes it (no YaRN): the angle of pair i at position p is
+    p * theta_scale**i, built by repeated float32 multiplication like ggml_rope_cache_init, divided by llama3's
+    per-pair frequency factor (`rope_freqs.weight`) and multiplied by the linear-scaling freq_scale."""
+
+    def __init__(self, args: ModelArgs, freq_factors: np.ndarray | None = None):
+        self.rope_dim = args.rope_dim
+        self.neox = args.rope_neox
+        self.theta_scale = np.float32(args.rope_theta ** (-2.0 / args.rope_dim))
+        self.freq_scale = np.float32(args.rope_freq_scale)
+        n_pairs = args.rope_dim // 2
+        self.freq_factors = (np.ones(n_pairs, np.float32) if freq_factors is None
+                             else np.asarray(freq_factors, np.float32)[:n_pairs])
+        self._cos = self._sin = np.zeros((0, n_pairs), np.float32)
+
+    def _table(self, n_positions: int) -> None:
+        positions = np.arange(n_positions, dtype=np.float32)
+        angles = np.empty((n_positions, self.freq_factors.size), np.float32)
+        theta = positions.copy()
+        for i in range(self.freq_factors.size):
+            angles[:, i] = self.freq_scale * (theta / self.freq_factors[i])
+            theta *= self.theta_scale
+        self._cos, self._sin = np.cos(angles), np.sin(angles)
+
+    def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x: (n, heads, d) -> rotated copy; the channels past rope_dim pass through."""
+        if positions[-1] >= self._cos.shape[0]:
+            self._table(max(2 * self._cos.shape[0], int(positions[-1]) + 1, 256))
+        cos = self._cos[positions][:, None, :]
+        sin = self._sin[positions][:, None, :]
+        out = x.copy()
+        r = self.rope_dim
+        if self.neox:
+            x0, x1 = x[..., : r // 2], x[..., r // 2 : r]
+            out[..., : r // 2] = x0 * cos - x1 * sin
+            out[..., r // 2 : r] = x0 * sin + x1 * cos
+        else:
+            x0, x1 = x[..., 0:r:2], x[..., 1:r:2]
+            out[..., 0:r:2] = x0 * cos - x1 * sin
+            out[..., 1:r:2] = x0 * sin + x1 * cos
+        return out
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+
+class Attention:
+    def __init__(self, args: ModelArgs, layer: int, w: Mapping[str, Any], rope: Rope):
+        p = f"blk.{layer}."
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = _linear(w, p + "attn_q")
+        self.wk = _linear(w, p + "attn_k")
+        self.wv = _linear(w, p + "attn_v")
+        self.wo = _linear(w, p + "attn_output")
+        self.q_norm = RMSNorm(w[p + "attn_q_norm.weight"], args.norm_eps) if p + "attn_q_norm.weight" in w else None
+        self.k_norm = RMSNorm(w[p + "attn_k_norm.weight"], args.norm_eps) if p + "attn_k_norm.weight" in w else None
+        self.rope = rope
+        self.scale = np.float32(1.0 / math.sqrt(args.head_dim))
+
+    def __call__(self, x: np.ndarray, pos: int, cache=None) -> np.ndarray:
+        n, H, KV, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        G = H // KV
+        q = self.wq(x).reshape(n, H, d)
+        k = self.wk(x).reshape(n, KV, d)
+        v = self.wv(x).reshape(n, KV, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        positions = np.arange(pos, pos + n)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+
+        if cache is None:  # calibration / stateless use: attend within this batch only
+            keys, values, key_pos0 = k, v, pos
+        else:
+            cache.store(self.layer, pos, k.reshape(n, KV * d), v.reshape(n, KV * d))
+            keys = cache.keys(self.layer, pos + n).reshape(-1, KV, d)
+            values = cache.values(self.layer, pos + n).reshape(-1, KV, d)
+            q = cache.round_query(q)
+            key_pos0 = 0
+        L = keys.shape[0]
+
+        qh = q.reshape(n, KV, G, d).transpose(1, 2, 0, 3)          # (KV, G, n, d)
+        kh = keys.transpose(1, 2, 0)[:, None]                      # (KV, 1, d, L)
+        vh = values.transpose(1, 0, 2)[:, None]                    # (KV, 1, L, d)
+        scores = (qh @ kh) * self.scale                            # (KV, G, n, L)
+        future = (key_pos0 + np.arange(L))[None, :] > positions[:, None]
+        scores[..., future] = -np.inf
+        probs = softmax(scores)
+        if cache is not None:
+            probs = cache.round_probs(probs)
+        out = (probs @ vh).transpose(2, 0, 1, 3).reshape(n, H * d)
+        return self.wo(out)
+
+
+class FeedForward:
+    def __init__(self, layer: int, w: Mapping[str, Any]):
+        p = f"blk.{layer}."
+        self.w_gate = _linear(w, p + "ffn_gate")
+        self.w_up = _linear(w, p + "ffn_up")
+        self.w_down = _linear(w, p + "ffn_down")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.w_down(silu(self.w_gate(x)) * self.w_up(x))
+
+
+class TransformerBlock:
+    def __init__(self, args: ModelArgs, layer: int, w: Mapping[str, Any], rope: Rope):
+        p = f"blk.{layer}."
+        self.attention_norm = RMSNorm(w[p + "attn_norm.weight"], args.norm_eps)
+        self.attention = Attention(args, layer, w, rope)
+        self.ffn_norm = RMSNorm(w[p + "ffn_norm.weight"], args.norm_eps)
+        self.feed_forward = FeedForward(layer, w)
+
+    def __call__(self, x: np.ndarray, pos: int = 0, cache=None) -> np.ndarray:
+        h = x + self.attention(self.attention_norm(x), pos, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Model:
+    """The whole decoder. `forward(tokens, cache)` runs a prefill batch or one decode token and advances the
+    cache; the pieces (`embed`, `layers`, `norm`, `output`) can be driven directly for calibration."""
+
+    def __init__(self, args: ModelArgs, weights: Mapping[str, Any]):
+        try:
+            self.args = args
+            self.tok_embeddings = weights["token_embd.weight"]
+            rope = Rope(args, weights.get("rope_freqs.weight"))
+            self.layers = [TransformerBlock(args, i, weights, rope) for i in range(args.n_layers)]
+            self.norm = RMSNorm(weights["output_norm.weight"], args.norm_eps)
+            # Tied embeddings: llama.cpp reuses token_embd as the output matrix when output.weight is absent.
+            self.output = _linear(weights, "output" if "output.weight" in weights else "token_embd")
+        except KeyError as e:
+            raise LlmqError(f"GGUF is missing tensor {e.args[0]}") from None
+        self._check_shapes()
+        # Defaults for new_cache(); load_gguf sets them from its arguments.
+        self.n_ctx = min(args.n_ctx_train, 4096)
+        self.cache_type_k = self.cache_type_v = "f16"
+        self.metadata: Mapping[str, Any] = {}
+
+    def new_cache(self, n_ctx: int | None = None, type_k: str | None = None, type_v: str | None = None):
+        from ..kvcache import KVCache
+
+        a = self.args
+        return KVCache(a.n_layers, n_ctx or self.n_ctx, a.n_kv_heads * a.head_dim,
+                       type_k or self.cache_type_k, type_v or self.cache_type_v)
+
+    @property
+    def tokenizer(self):
+        """The GGUF tokenizer, built from the metadata on first use."""
+        if getattr(self, "_tokenizer", None) is None:
+            from ..tokenizer import GGUFTokenizer
+
+            self._tokenizer = GGUFTokenizer.from_metadata(self.metadata)
+        return self._tokenizer
+
+    def _check_shapes(self) -> None:
+        a = self.args
+        expect = {self.output: (a.vocab_size, a.dim)}
+        for block in self.layers:
+            att, ffn = block.attention, block.feed_forward
+            expect.update({att.wq: (a.n_heads * a.head_dim, a.dim), att.wk: (a.n_kv_heads * a.head_dim, a.dim),
+                           att.wv: (a.n_kv_heads * a.head_dim, a.dim), att.wo: (a.dim, a.n_heads * a.head_dim),
+                           ffn.w_gate: (a.hidden_dim, a.dim), ffn.w_up: (a.hidden_dim, a.dim),
+                           ffn.w_down: (a.dim, a.hidden_dim)})
+        for linear, shape in expect.items():
+            if linear.shape != shape:
+                raise LlmqError(f"tensor {linear.name}.weight has shape {linear.shape}, expected {shape}")
+        if a.n_heads % a.n_kv_heads:
+            raise LlmqError(f"head_count {a.n_heads} is not a multiple of head_count_kv {a.n_kv_heads}")
+
+    def linears(self) -> Iterator[Linear]:
+        for block in self.layers:
+            att, ffn = block.attention, block.feed_forward
+            yield from (att.wq, att.wk, att.wv, att.wo, ffn.w_gate, ffn.w_up, ffn.w_down)
+        yield self.output
+
+    def embed(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.args.vocab_size):
+            raise LlmqError(f"token id out of range [0, {self.args.vocab_size})")
+        table = self.tok_embeddings
+        if isinstance(table, np.ndarray):
+            return np.array(table[tokens], dtype=np.float32)
+        from .. import kernels
+
+        return np.asarray(kernels.dequantize(table, rows=tokens), dtype=np.float32)
+
+    def forward(self, tokens, cache, *, all_logits: bool = True) -> np.ndarray:
+        """Logits (n_tokens, vocab) for the tokens appended at position cache.pos, or (1, vocab) for the last
+        one only when all_logits=False. Prefill runs in chunks of PREFILL_CHUNK tokens."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.size == 0:
+            raise LlmqError("forward() needs at least one token")
+        if cache.pos + tokens.size > cache.n_ctx:
+            raise LlmqError(f"context is full: {cache.pos} + {tokens.size} tokens > n_ctx {cache.n_ctx}")
+        outputs = []
+        for start in range(0, tokens.size, PREFILL_CHUNK):
+            chunk = tokens[start : start + PREFILL_CHUNK]
+            h = self.embed(chunk)
+            for block in self.layers:
+                h = block(h, cache.pos, cache)
+            cache.pos += chunk.size
+            if not all_logits:
+                h = h[-1:]
+            if all_logits or start + PREFILL_CHUNK >= tokens.size:
+                outputs.append(self.output(self.norm(h)))
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _linear(weights: Mapping[str, Any], prefix: str) -> Linear:
+    bias = weights.get(prefix + ".bias")
+    return Linear(prefix, weights[prefix + ".weight"], None if bias is None else np.asarray(bias, np.float32))
