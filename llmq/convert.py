@@ -11,6 +11,7 @@ Peak memory is one float32 tensor plus its encoding, not the model.
 from __future__ import annotations
 
 import logging
+import sys
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ def convert(src: str | Path, out: str | Path, ftype: str = "F16", *, force: bool
             it = plans
             if progress:
                 from tqdm import tqdm
-                it = tqdm(plans, desc=f"convert {ftype}", unit="tensor", leave=False)
+                it = tqdm(plans, desc=f"convert {ftype}", unit="tensor", leave=False, disable=not sys.stderr.isatty())
             for p in it:
                 data = encode_tensor(p.read(), p.qtype, p.name, allow_nonfinite)
                 if data.nbytes != p.nbytes:
