@@ -38,6 +38,12 @@ class _Terminated(BaseException):
     pass
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C so cleanup runs (only possible from the main thread)."""
@@ -70,6 +76,7 @@ def atomic_output(out: Path, *, force: bool = False, expected_bytes: int = 0) ->
     try:
         with _sigterm_raises():
             yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the output is an ordinary file
             os.replace(tmp, out)
     except _Terminated:
         tmp.unlink(missing_ok=True)
@@ -92,6 +99,7 @@ def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
     try:
         with _sigterm_raises():
             yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)

@@ -37,6 +37,39 @@ def _cmd_unpack(args) -> int:
     return 0
 
 
+def _cmd_ppl(args) -> int:
+    from pathlib import Path
+
+    from . import evaluate as ev
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmqError(f"cannot read --text {args.text}: {getattr(e, 'strerror', None) or e}") from None
+    engine = ev.open_engine(Path(args.model), args.engine, args.ctx, args.threads)
+    tokens, add_bos, bos_id = ev.tokenize_for_ppl(engine, text)
+    chunks = ev.make_chunks(tokens, args.ctx, args.chunks, add_bos, bos_id)
+    res = ev.evaluate(ev.engine_logits_fn(engine), chunks, save_base=args.save_base and Path(args.save_base),
+                      kld_base=args.kld_base and Path(args.kld_base), progress=True)
+    print(f"{args.model} [{args.engine}] {len(chunks)} chunks x {args.ctx} tokens, {res.n_tokens} scored")
+    print(f"PPL = {res.ppl:.4f} +/- {res.ppl_err:.5f}")
+    if isinstance(res, ev.KLDResult):
+        print(f"PPL(base) = {res.ppl_base:.4f}")
+        print(f"KLD mean = {res.kld_mean:.6f} +/- {res.kld_mean_err:.6f}  median = {res.kld_median:.6f}  "
+              f"p99 = {res.kld_p99:.6f}  p99.9 = {res.kld_p999:.6f}  max = {res.kld_max:.6f}")
+        print(f"same top token = {100 * res.top1:.3f}%  RMS dp = {100 * res.rms_dp:.3f}%")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from .demo import run_demo
+
+    run_demo(Path(args.workdir), types=args.types.split(","), chunks=args.chunks, threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .mixes import FILE_TYPES
 
@@ -69,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     u.add_argument("--force", action="store_true", help="replace an existing output directory")
     u.set_defaults(func=_cmd_unpack)
+
+    e = sub.add_parser("ppl", help="perplexity (llama-perplexity protocol) and KL divergence vs a saved reference")
+    e.add_argument("model", help="GGUF file")
+    e.add_argument("--text", required=True, help="plain-text file to score")
+    e.add_argument("--engine", default="native", choices=["native", "llama.cpp"])
+    e.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    e.add_argument("--chunks", type=int, default=None, help="score at most N chunks")
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--save-base", metavar="F", help="store this model's log-probs (top-64 fp16 + rest) as the reference")
+    e.add_argument("--kld-base", metavar="F", help="compare with a reference saved by --save-base")
+    e.set_defaults(func=_cmd_ppl)
+
+    d = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M-Instruct, end to end")
+    d.add_argument("--workdir", default="llmq-demo", help="where files go (default ./llmq-demo)")
+    d.add_argument("--types", default="Q8_0,Q4_K_M,Q4_0")
+    d.add_argument("--chunks", type=int, default=8, help="perplexity chunks of 512 tokens per file and engine")
+    d.add_argument("--threads", type=int, default=None)
+    d.set_defaults(func=_cmd_demo)
 
     try:
         from runtime import cli as runtime_cli
