@@ -23,6 +23,8 @@ import numpy as np
 
 from llmq.errors import LlmqError
 
+from ..kvcache import mix_dense, scores_dense
+
 # llama.cpp's llama_model_rope_type(): these architectures rotate (x[i], x[i + d/2]) pairs ("NEOX"); llama-type
 # GGUFs rotate adjacent (x[2i], x[2i+1]) pairs ("NORM") because convert_hf_to_gguf permutes their q/k rows.
 NEOX_ROPE_ARCHS = frozenset({"qwen2", "qwen3"})
@@ -128,9 +130,12 @@ class Linear:
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm over the last axis (ggml_rms_norm followed by the weight multiply)."""
-    mean_square = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)  # ggml sums in double
-    return (x * (1.0 / np.sqrt(mean_square + eps)).astype(np.float32)) * weight
+    """RMSNorm over the last axis, rounded step by step as ggml_rms_norm (float squares summed in double, float
+    mean and scale) followed by the weight multiply."""
+    sum_squares = np.sum(np.square(x).astype(np.float64), axis=-1, keepdims=True)
+    mean = (sum_squares / x.shape[-1]).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
+    return (x * scale) * weight
 
 
 class RMSNorm:
@@ -221,26 +226,23 @@ class Attention:
         positions = np.arange(pos, pos + n)
         q, k = self.rope(q, positions), self.rope(k, positions)
 
+        qh = q.reshape(n, KV, G, d).transpose(1, 2, 0, 3)          # (KV, G, n, d)
         if cache is None:  # calibration / stateless use: attend within this batch only
-            keys, values, key_pos0 = k, v, pos
+            key_pos0, L = pos, n
+            scores = scores_dense(qh, k.reshape(n, KV * d))          # (KV, G, n, L)
         else:
             cache.store(self.layer, pos, k.reshape(n, KV * d), v.reshape(n, KV * d))
-            keys = cache.keys(self.layer, pos + n).reshape(-1, KV, d)
-            values = cache.values(self.layer, pos + n).reshape(-1, KV, d)
-            q = cache.round_query(q)
-            key_pos0 = 0
-        L = keys.shape[0]
-
-        qh = q.reshape(n, KV, G, d).transpose(1, 2, 0, 3)          # (KV, G, n, d)
-        kh = keys.transpose(1, 2, 0)[:, None]                      # (KV, 1, d, L)
-        vh = values.transpose(1, 0, 2)[:, None]                    # (KV, 1, L, d)
-        scores = (qh @ kh) * self.scale                            # (KV, G, n, L)
+            key_pos0, L = 0, pos + n
+            scores = scores_dense(cache.round_query(qh), cache.keys(self.layer, L))
+        scores *= self.scale
         future = (key_pos0 + np.arange(L))[None, :] > positions[:, None]
         scores[..., future] = -np.inf
         probs = softmax(scores)
-        if cache is not None:
-            probs = cache.round_probs(probs)
-        out = (probs @ vh).transpose(2, 0, 1, 3).reshape(n, H * d)
+        if cache is None:
+            out = mix_dense(probs, v.reshape(n, KV * d))              # (KV, G, n, d)
+        else:
+            out = mix_dense(cache.round_probs(probs), cache.values(self.layer, L))
+        out = out.transpose(2, 0, 1, 3).reshape(n, H * d)
         return self.wo(out)
 
 
@@ -294,7 +296,7 @@ class Model:
 
         a = self.args
         return KVCache(a.n_layers, n_ctx or self.n_ctx, a.n_kv_heads * a.head_dim,
-                       type_k or self.cache_type_k, type_v or self.cache_type_v)
+                       type_k or self.cache_type_k, type_v or self.cache_type_v, head_dim=a.head_dim)
 
     @property
     def tokenizer(self):
@@ -339,10 +341,16 @@ class Model:
 
     def forward(self, tokens, cache, *, all_logits: bool = True) -> np.ndarray:
         """Logits (n_tokens, vocab) for the tokens appended at position cache.pos, or (1, vocab) for the last
-        one only when all_logits=False. Prefill runs in chunks of PREFILL_CHUNK tokens."""
+        one only when all_logits=False. Prefill runs in chunks of PREFILL_CHUNK tokens. cache=None runs the
+        tokens as a whole sequence from position 0 in float32 attention, keeping nothing."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if tokens.size == 0:
             raise LlmqError("forward() needs at least one token")
+        if cache is None:
+            h = self.embed(tokens)
+            for block in self.layers:
+                h = block(h, 0)
+            return self.output(self.norm(h if all_logits else h[-1:]))
         if cache.pos + tokens.size > cache.n_ctx:
             raise LlmqError(f"context is full: {cache.pos} + {tokens.size} tokens > n_ctx {cache.n_ctx}")
         outputs = []

@@ -1,0 +1,1238 @@
+"""Weight kernels: matrix-vector and matrix-matrix products straight from GGUF blocks, the way llama.cpp's CPU backend
+computes them.
+
+Why the activation is quantised: ggml never multiplies a quantised weight by a float activation. Each weight type has a
+`vec_dot_type` (ggml-cpu.c, type_traits_cpu); the activation row is first quantised to it (Q8_0 for Q4_0/Q5_0/Q8_0,
+Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, F16/BF16 for F16/BF16 weights) and the dot product is then an integer dot
+per block times the two block scales. Reproducing that quantisation bit for bit is what lets this runtime agree with
+llama.cpp token for token, so the activation quantisers below follow the x86 build of ggml-cpu (quantize_row_q8_0 /
+q8_1 in ggml-cpu/arch/x86/quants.c: scale 127/amax, round half to even; quantize_row_q8_K_ref for Q8_K).
+
+Block layouts (ggml-common.h; `f16` is an IEEE half, little endian; QK = 32, QK_K = 256):
+    Q4_0   18 B: d f16 | qs[16]           x[j] = d*((qs[j] & 15) - 8), x[j+16] = d*((qs[j] >> 4) - 8)
+    Q4_1   20 B: d f16 | m f16 | qs[16]   x[j] = d*(qs[j] & 15) + m,   x[j+16] = d*(qs[j] >> 4) + m
+    Q5_0   22 B: d f16 | qh u32 | qs[16]  as Q4_0 with bit j (j+16) of qh as 5th bit, offset 16
+    Q5_1   24 B: d f16 | m f16 | qh u32 | qs[16]
+    Q8_0   34 B: d f16 | qs int8[32]
+    Q2_K   84 B: scales[16] (lo nibble scale, hi nibble min) | qs[64] (2 bit) | d f16 | dmin f16
+    Q3_K  110 B: hmask[32] | qs[64] (2 bit) | scales[12] (16 x 6 bit, offset 32) | d f16
+    Q4_K  144 B: d f16 | dmin f16 | scales[12] (8 scales + 8 mins, 6 bit) | qs[128]
+    Q5_K  176 B: d f16 | dmin f16 | scales[12] | qh[32] | qs[128]
+    Q6_K  210 B: ql[128] | qh[64] | scales int8[16] | d f16
+and the activation formats (kept as separate arrays here, not packed):
+    Q8_0: qs int8[32], d = f16(amax/127)                      Q8_1: as Q8_0 plus s = f16(d*sum(qs))
+    Q8_K: qs int8[256], d = float32, bsums = sums of 16 qs
+
+Decode (`matvec`) is a fused numba kernel per type: rows in parallel, each row a float32 sum over blocks of
+(weight scale * activation scale) * integer block dot, as ggml's `ggml_vec_dot_*` (ggml-cpu/quants.c; the generic
+order, or for the 32-element 4/5-bit types 8 float lanes like the AVX2 code).
+Prefill (`matmul`) quantises the activations the same way, turns them back into exact floats (d*q), dequantises
+tiles of weight rows and lets BLAS do the products: mathematically the same sums, only the float rounding order differs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numba
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from numba import njit, prange
+
+from llmq.errors import LlmqError
+
+QK = 32
+QK_K = 256
+
+# fp16 bit pattern -> float32; a 256 KiB table is faster than decoding halves with bit tricks inside numba.
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compilation: LLVM's SLP vectoriser turns the fully unrolled 16/32-element block loops below into SIMD code (widen,
+# multiply, horizontal add). Numba switches SLP off by default (numba PR #8852, miscompilations in other code), so it is
+# switched on only while our own kernels compile; the tests compare every kernel against a numpy reference.
+
+
+class _Kernel:
+    """A numba dispatcher called with SLP on: numba compiles (or loads from its cache) inside the call whenever it
+    meets a new argument signature, so the switch has to be on for every call; flipping it costs ~0.1 us. (A Python
+    thread compiling other numba code while one of our nogil kernels runs would get SLP too.)"""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+
+    def __call__(self, *args):
+        saved = numba.config.SLP_VECTORIZE
+        numba.config.SLP_VECTORIZE = 1
+        try:
+            return self.dispatcher(*args)
+        finally:
+            numba.config.SLP_VECTORIZE = saved
+
+
+def _kernel(parallel: bool = False):
+    def wrap(fn):
+        return _Kernel(njit(cache=True, parallel=parallel, nogil=True)(fn))
+    return wrap
+
+
+_jit = njit(cache=True, nogil=True)  # helpers; always reached through a _Kernel, so they compile with SLP too
+# Inlined by numba itself: LLVM then sees the caller's scratch allocation and knows it aliases nothing else.
+_jit_inline = njit(cache=True, nogil=True, inline="always")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scalar helpers
+
+
+@_jit
+def _round_f16(v):
+    """The float32 value of the half nearest to float32 `v` (round half to even): what F16C's vcvtps2ph stores."""
+    a = abs(np.float64(v))
+    if a != a:
+        return v
+    if a >= 65520.0:  # halfway between the largest half (65504) and the next power of two
+        r = np.inf
+    elif a < 6.103515625e-05:  # subnormal halves: multiples of 2^-24
+        r = np.rint(a * 16777216.0) / 16777216.0
+    else:
+        m, e = math.frexp(a)
+        r = math.ldexp(np.rint(math.ldexp(m, 11)), e - 11)
+    return np.float32(math.copysign(r, v))
+
+
+@_jit
+def _f16_bits(v):
+    """IEEE half bits of float32 `v`, rounded half to even (numpy's astype(float16), GGML_FP32_TO_FP16)."""
+    sign = 0x8000 if math.copysign(1.0, v) < 0 else 0
+    r = _round_f16(v)
+    if r != r:
+        return sign | 0x7E00
+    a = abs(np.float64(r))
+    if a == np.inf:
+        return sign | 0x7C00
+    if a < 6.103515625e-05:  # zero and subnormals: multiples of 2^-24
+        return sign | np.int64(a * 16777216.0)
+    m, e = math.frexp(a)  # a = (2m) * 2^(e-1) with 2m in [1, 2)
+    return sign | ((e + 14) << 10) | np.int64((2.0 * m - 1.0) * 1024.0)
+
+
+@_jit
+def _f16_at(w, r, b, o, f16):
+    """The f16 stored little endian at byte o of block b of row r, as float32."""
+    return f16[np.int64(w[r, b, o]) | (np.int64(w[r, b, o + 1]) << 8)]
+
+
+@_jit
+def _u32_at(w, r, b, o):
+    return (np.int64(w[r, b, o]) | (np.int64(w[r, b, o + 1]) << 8) | (np.int64(w[r, b, o + 2]) << 16)
+            | (np.int64(w[r, b, o + 3]) << 24))
+
+
+@_jit
+def _scales_mins_k4(w, r, b):
+    """The 8 six-bit scales and 8 mins of Q4_K/Q5_K block b (packed in bytes 4..15), one byte each in two int64s
+    (byte j = sub-block j); ggml's utmp shuffle in ggml_vec_dot_q4_K_q8_K."""
+    a0 = _u32_at(w, r, b, 4)
+    a1 = _u32_at(w, r, b, 8)
+    a2 = _u32_at(w, r, b, 12)
+    scales = (a0 & 0x3F3F3F3F) | (((a2 & 0x0F0F0F0F) | (((a0 >> 6) & 0x03030303) << 4)) << 32)
+    mins = (a1 & 0x3F3F3F3F) | ((((a2 >> 4) & 0x0F0F0F0F) | (((a1 >> 6) & 0x03030303) << 4)) << 32)
+    return scales, mins
+
+
+@_jit
+def _byte(packed, j):
+    return np.int32((packed >> (8 * j)) & 255)
+
+
+@_jit
+def _scale_q3_k(w, r, b, i):
+    """Signed 6-bit scale of sub-block i (0..15) of Q3_K block b (scales at bytes 96..107): low nibbles in the first
+    8 bytes, high 2 bits in the last 4."""
+    lo = (np.int32(w[r, b, 96 + i]) & 15) if i < 8 else (np.int32(w[r, b, 88 + i]) >> 4)
+    hi = (np.int32(w[r, b, 104 + (i & 3)]) >> (2 * (i >> 2))) & 3
+    return (lo | (hi << 4)) - 32
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activation quantisers (vec_dot_type). x is one contiguous float32 row.
+
+
+@_jit
+def _quantize_q8_0_cpu(x, qs, d):
+    """quantize_row_q8_0 of ggml-cpu on x86 (AVX2 path): d = f16(amax/127), q = round_half_even(x*127/amax)."""
+    for b in range(d.shape[0]):
+        amax = np.float32(0.0)
+        for j in range(QK):
+            amax = max(amax, abs(x[b * QK + j]))
+        d[b] = _round_f16(amax / np.float32(127.0))
+        iscale = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        for j in range(QK):
+            qs[b, j] = np.int8(min(127.0, max(-128.0, np.rint(x[b * QK + j] * iscale))))
+
+
+@_jit
+def _quantize_q8_1_cpu(x, qs, d, s):
+    """quantize_row_q8_1 of ggml-cpu on x86: as Q8_0, plus s = f16(unrounded d * sum(q))."""
+    for b in range(d.shape[0]):
+        amax = np.float32(0.0)
+        for j in range(QK):
+            amax = max(amax, abs(x[b * QK + j]))
+        dd = amax / np.float32(127.0)
+        d[b] = _round_f16(dd)
+        iscale = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        total = 0
+        for j in range(QK):
+            q = np.int8(min(127.0, max(-128.0, np.rint(x[b * QK + j] * iscale))))
+            qs[b, j] = q
+            total += q
+        s[b] = _round_f16(dd * np.float32(total))
+
+
+@_jit
+def _quantize_q8_k(x, qs, d, bsums):
+    """quantize_row_q8_K_ref (also what x86 uses): scale -127/max by the signed value of largest magnitude."""
+    for b in range(d.shape[0]):
+        amax = np.float32(0.0)
+        vmax = np.float32(0.0)
+        for j in range(QK_K):
+            ax = abs(x[b * QK_K + j])
+            if ax > amax:
+                amax = ax
+                vmax = x[b * QK_K + j]
+        if amax == 0:
+            d[b] = 0
+            qs[b, :] = 0
+            bsums[b, :] = 0
+            continue
+        iscale = np.float32(-127.0) / vmax
+        for j in range(QK_K):
+            qs[b, j] = np.int8(min(127.0, np.rint(iscale * x[b * QK_K + j])))
+        for g in range(QK_K // 16):
+            total = 0
+            for j in range(16):
+                total += qs[b, g * 16 + j]
+            bsums[b, g] = total
+        d[b] = np.float32(1.0) / iscale
+
+
+@_kernel()
+def _quantize_rows_q8_0_cpu(x):
+    qs = np.empty((x.shape[0], x.shape[1] // QK, QK), np.int8)
+    d = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
+    for i in range(x.shape[0]):
+        _quantize_q8_0_cpu(x[i], qs[i], d[i])
+    return qs, d
+
+
+@_kernel()
+def _quantize_rows_q8_1_cpu(x):
+    qs = np.empty((x.shape[0], x.shape[1] // QK, QK), np.int8)
+    d = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
+    s = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
+    for i in range(x.shape[0]):
+        _quantize_q8_1_cpu(x[i], qs[i], d[i], s[i])
+    return qs, d, s
+
+
+@_kernel()
+def _quantize_rows_q8_k(x):
+    qs = np.empty((x.shape[0], x.shape[1] // QK_K, QK_K), np.int8)
+    d = np.empty((x.shape[0], x.shape[1] // QK_K), np.float32)
+    bsums = np.empty((x.shape[0], x.shape[1] // QK_K, QK_K // 16), np.int32)
+    for i in range(x.shape[0]):
+        _quantize_q8_k(x[i], qs[i], d[i], bsums[i])
+    return qs, d, bsums
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Block dot products: weight row r (w is the (rows, blocks, block_bytes) view) against one quantised activation row.
+# Integer sums are kept in int32 (np.int32(...) after each step) so LLVM can vectorise them in 16/32-bit lanes.
+#
+# Q4_0/Q4_1/Q5_0/Q5_1 (and Q4_K) accumulate like ggml's AVX2 code: 8 float lanes, lane l adding scale * (integer sum of
+# elements l, l+8, l+16, l+24) for every block, summed across lanes once per row. Skipping a horizontal integer sum
+# per block makes them ~30% faster than one float add per block; the result differs from ggml's only in float
+# rounding order (as ggml's own SIMD and generic code differ). `lanes` is an 8-float scratch owned by the caller.
+
+
+@_jit
+def _sum_lanes(lanes):
+    total = np.float32(0.0)
+    for lane in range(8):
+        total += lanes[lane]
+    return total
+
+
+@_jit_inline
+def _dot_q4_0(w, r, xq, xd, f16, lanes):
+    for lane in range(8):
+        lanes[lane] = 0
+    for b in range(w.shape[1]):
+        scale = _f16_at(w, r, b, 0, f16) * xd[b]
+        for l in range(8):
+            q0 = np.int32(w[r, b, 2 + l])
+            q1 = np.int32(w[r, b, 10 + l])
+            p = np.int32(((q0 & 15) - 8) * xq[b, l] + ((q1 & 15) - 8) * xq[b, l + 8]
+                         + ((q0 >> 4) - 8) * xq[b, l + 16] + ((q1 >> 4) - 8) * xq[b, l + 24])
+            lanes[l] += scale * np.float32(p)
+    return _sum_lanes(lanes)
+
+
+@_jit_inline
+def _dot_q4_1(w, r, xq, xd, xs, f16, lanes):
+    for lane in range(8):
+        lanes[lane] = 0
+    mins = np.float32(0.0)
+    for b in range(w.shape[1]):
+        scale = _f16_at(w, r, b, 0, f16) * xd[b]
+        for l in range(8):
+            q0 = np.int32(w[r, b, 4 + l])
+            q1 = np.int32(w[r, b, 12 + l])
+            p = np.int32((q0 & 15) * xq[b, l] + (q1 & 15) * xq[b, l + 8]
+                         + (q0 >> 4) * xq[b, l + 16] + (q1 >> 4) * xq[b, l + 24])
+            lanes[l] += scale * np.float32(p)
+        mins += _f16_at(w, r, b, 2, f16) * xs[b]  # ggml's m * s term of the Q4_1 x Q8_1 dot
+    return _sum_lanes(lanes) + mins
+
+
+@_jit_inline
+def _dot_q5_0(w, r, xq, xd, f16, lanes):
+    for lane in range(8):
+        lanes[lane] = 0
+    for b in range(w.shape[1]):
+        scale = _f16_at(w, r, b, 0, f16) * xd[b]
+        qh = _u32_at(w, r, b, 2)  # bit e: 5th bit of element e
+        for l in range(8):
+            q0 = np.int32(w[r, b, 6 + l])
+            q1 = np.int32(w[r, b, 14 + l])
+            p = np.int32((((q0 & 15) | (((qh >> l) & 1) << 4)) - 16) * xq[b, l]
+                         + (((q1 & 15) | (((qh >> (l + 8)) & 1) << 4)) - 16) * xq[b, l + 8]
+                         + (((q0 >> 4) | (((qh >> (l + 16)) & 1) << 4)) - 16) * xq[b, l + 16]
+                         + (((q1 >> 4) | (((qh >> (l + 24)) & 1) << 4)) - 16) * xq[b, l + 24])
+            lanes[l] += scale * np.float32(p)
+    return _sum_lanes(lanes)
+
+
+@_jit_inline
+def _dot_q5_1(w, r, xq, xd, xs, f16, lanes):
+    for lane in range(8):
+        lanes[lane] = 0
+    mins = np.float32(0.0)
+    for b in range(w.shape[1]):
+        scale = _f16_at(w, r, b, 0, f16) * xd[b]
+        qh = _u32_at(w, r, b, 4)
+        for l in range(8):
+            q0 = np.int32(w[r, b, 8 + l])
+            q1 = np.int32(w[r, b, 16 + l])
+            p = np.int32(((q0 & 15) | (((qh >> l) & 1) << 4)) * xq[b, l]
+                         + ((q1 & 15) | (((qh >> (l + 8)) & 1) << 4)) * xq[b, l + 8]
+                         + ((q0 >> 4) | (((qh >> (l + 16)) & 1) << 4)) * xq[b, l + 16]
+                         + ((q1 >> 4) | (((qh >> (l + 24)) & 1) << 4)) * xq[b, l + 24])
+            lanes[l] += scale * np.float32(p)
+        mins += _f16_at(w, r, b, 2, f16) * xs[b]
+    return _sum_lanes(lanes) + mins
+
+
+@_jit
+def _int8_at(w, r, b, o):
+    q = np.int32(w[r, b, o])
+    return q - ((q & 128) << 1)
+
+
+@_jit
+def _dot_q8_0(w, r, xq, xd, f16):
+    """Q8_0 keeps the generic order (one integer sum per block): measured faster than 8 float lanes here."""
+    acc = np.float32(0.0)
+    for b in range(w.shape[1]):
+        s = np.int32(0)
+        for j in range(QK):
+            s = np.int32(s + _int8_at(w, r, b, 2 + j) * xq[b, j])
+        acc += np.float32(s) * (_f16_at(w, r, b, 0, f16) * xd[b])
+    return acc
+
+
+@_jit
+def _dot_q2_k(w, r, xq, xd, xbsums, f16):
+    acc = np.float32(0.0)
+    for b in range(w.shape[1]):
+        mins = np.int32(0)
+        for g in range(16):
+            mins = np.int32(mins + xbsums[b, g] * (np.int32(w[r, b, g]) >> 4))
+        isum = np.int32(0)
+        for n in range(2):
+            for shift in range(0, 8, 2):
+                g = 8 * n + shift  # sub-block of the first 16 elements of these 32
+                s0 = np.int32(0)
+                s1 = np.int32(0)
+                for j in range(16):
+                    x0 = 128 * n + 16 * shift + j  # the 2-bit field at `shift` of qs byte 32n+j is element x0
+                    s0 = np.int32(s0 + ((np.int32(w[r, b, 16 + 32 * n + j]) >> shift) & 3) * xq[b, x0])
+                    s1 = np.int32(s1 + ((np.int32(w[r, b, 32 + 32 * n + j]) >> shift) & 3) * xq[b, x0 + 16])
+                isum = np.int32(isum + s0 * (np.int32(w[r, b, g]) & 15) + s1 * (np.int32(w[r, b, g + 1]) & 15))
+        dall = xd[b] * _f16_at(w, r, b, 80, f16)
+        dmin = xd[b] * _f16_at(w, r, b, 82, f16)
+        acc += dall * np.float32(isum) - dmin * np.float32(mins)
+    return acc
+
+
+@_jit
+def _dot_q3_k(w, r, xq, xd, f16):
+    acc = np.float32(0.0)
+    for b in range(w.shape[1]):
+        isum = np.int32(0)
+        for n in range(2):
+            for k in range(4):
+                bit = 4 * n + k
+                for h in range(2):
+                    s = np.int32(0)
+                    for j in range(16):
+                        q = (np.int32(w[r, b, 32 + 32 * n + 16 * h + j]) >> (2 * k)) & 3
+                        q -= ((np.int32(w[r, b, 16 * h + j]) >> bit) & 1 ^ 1) << 2  # high bit clear: minus 4
+                        s = np.int32(s + q * xq[b, 128 * n + 32 * k + 16 * h + j])
+                    isum = np.int32(isum + s * _scale_q3_k(w, r, b, 8 * n + 2 * k + h))
+        acc += (_f16_at(w, r, b, 108, f16) * xd[b]) * np.float32(isum)
+    return acc
+
+
+@_jit
+def _q4_k_min_term(w, r, b, mins, xd, xbsums, f16):
+    """dmin * d8 * sum over sub-blocks of min * (sum of the sub-block's activation quants)."""
+    msum = np.int32(0)
+    for k in range(8):
+        msum = np.int32(msum + _byte(mins, k) * (xbsums[b, 2 * k] + xbsums[b, 2 * k + 1]))
+    return (_f16_at(w, r, b, 2, f16) * xd[b]) * np.float32(msum)
+
+
+@_jit_inline
+def _dot_q4_k(w, r, xq, xd, xbsums, f16, lanes):
+    """8 float lanes as for Q4_1; lane l of sub-block pair k takes elements l, l+8, l+16, l+24 of each."""
+    for lane in range(8):
+        lanes[lane] = 0
+    mins_total = np.float32(0.0)
+    for b in range(w.shape[1]):
+        scales, mins = _scales_mins_k4(w, r, b)
+        scale = _f16_at(w, r, b, 0, f16) * xd[b]
+        for k in range(4):
+            sc_lo = _byte(scales, 2 * k)
+            sc_hi = _byte(scales, 2 * k + 1)
+            for l in range(8):
+                q0 = np.int32(w[r, b, 16 + 32 * k + l])
+                q1 = np.int32(w[r, b, 24 + 32 * k + l])
+                q2 = np.int32(w[r, b, 32 + 32 * k + l])
+                q3 = np.int32(w[r, b, 40 + 32 * k + l])
+                x0 = 64 * k + l
+                lo = np.int32((q0 & 15) * xq[b, x0] + (q1 & 15) * xq[b, x0 + 8]
+                              + (q2 & 15) * xq[b, x0 + 16] + (q3 & 15) * xq[b, x0 + 24])
+                hi = np.int32((q0 >> 4) * xq[b, x0 + 32] + (q1 >> 4) * xq[b, x0 + 40]
+                              + (q2 >> 4) * xq[b, x0 + 48] + (q3 >> 4) * xq[b, x0 + 56])
+                lanes[l] += scale * np.float32(np.int32(sc_lo * lo + sc_hi * hi))
+        mins_total += _q4_k_min_term(w, r, b, mins, xd, xbsums, f16)
+    return _sum_lanes(lanes) - mins_total
+
+
+@_jit
+def _dot_q5_k(w, r, xq, xd, xbsums, f16):
+    """One integer sum per block (8 float lanes measured slower for Q5_K)."""
+    acc = np.float32(0.0)
+    for b in range(w.shape[1]):
+        scales, mins = _scales_mins_k4(w, r, b)
+        isum = np.int32(0)
+        for k in range(4):
+            s_lo = np.int32(0)
+            s_hi = np.int32(0)
+            for j in range(QK):
+                q = np.int32(w[r, b, 48 + 32 * k + j])
+                qh = np.int32(w[r, b, 16 + j])
+                s_lo = np.int32(s_lo + ((q & 15) | (((qh >> (2 * k)) & 1) << 4)) * xq[b, 64 * k + j])
+                s_hi = np.int32(s_hi + ((q >> 4) | (((qh >> (2 * k + 1)) & 1) << 4)) * xq[b, 64 * k + 32 + j])
+            isum = np.int32(isum + _byte(scales, 2 * k) * s_lo + _byte(scales, 2 * k + 1) * s_hi)
+        acc += (_f16_at(w, r, b, 0, f16) * xd[b]) * np.float32(isum)
+        acc -= _q4_k_min_term(w, r, b, mins, xd, xbsums, f16)
+    return acc
+
+
+@_jit
+def _dot_q6_k(w, r, xq, xd, f16):
+    acc = np.float32(0.0)
+    for b in range(w.shape[1]):
+        isum = np.int32(0)
+        for n in range(2):
+            for h in range(2):
+                s1 = np.int32(0)
+                s2 = np.int32(0)
+                s3 = np.int32(0)
+                s4 = np.int32(0)
+                for j in range(16):
+                    l = 16 * h + j
+                    ql_a = np.int32(w[r, b, 64 * n + l])
+                    ql_b = np.int32(w[r, b, 64 * n + 32 + l])
+                    qh = np.int32(w[r, b, 128 + 32 * n + l])
+                    x0 = 128 * n + l
+                    s1 = np.int32(s1 + (((ql_a & 15) | ((qh & 3) << 4)) - 32) * xq[b, x0])
+                    s2 = np.int32(s2 + (((ql_b & 15) | (((qh >> 2) & 3) << 4)) - 32) * xq[b, x0 + 32])
+                    s3 = np.int32(s3 + (((ql_a >> 4) | (((qh >> 4) & 3) << 4)) - 32) * xq[b, x0 + 64])
+                    s4 = np.int32(s4 + (((ql_b >> 4) | (((qh >> 6) & 3) << 4)) - 32) * xq[b, x0 + 96])
+                g = 192 + 8 * n + h  # scale byte of the first 16-element group; the others follow every 2
+                isum = np.int32(isum + s1 * np.int32(np.int8(w[r, b, g])) + s2 * np.int32(np.int8(w[r, b, g + 2]))
+                                + s3 * np.int32(np.int8(w[r, b, g + 4])) + s4 * np.int32(np.int8(w[r, b, g + 6])))
+        acc += (_f16_at(w, r, b, 208, f16) * xd[b]) * np.float32(isum)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decode kernels (x: one float32 row): quantise the activation once, then rows in parallel.
+
+_ROWS_PER_TASK = 16
+
+
+@_kernel(parallel=True)
+def _matvec_q4_0(w, x, f16):
+    xq = np.empty((w.shape[1], QK), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    _quantize_q8_0_cpu(x, xq, xd)
+    out = np.empty(w.shape[0], np.float32)
+    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        lanes = np.empty(8, np.float32)
+        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+            out[r] = _dot_q4_0(w, r, xq, xd, f16, lanes)
+    return out
+
+
+@_kernel(parallel=True)
+def _matvec_q5_0(w, x, f16):
+    xq = np.empty((w.shape[1], QK), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    _quantize_q8_0_cpu(x, xq, xd)
+    out = np.empty(w.shape[0], np.float32)
+    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        lanes = np.empty(8, np.float32)
+        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+            out[r] = _dot_q5_0(w, r, xq, xd, f16, lanes)
+    return out
+
+
+@_kernel(parallel=True)
+def _matvec_q8_0(w, x, f16):
+    xq = np.empty((w.shape[1], QK), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    _quantize_q8_0_cpu(x, xq, xd)
+    out = np.empty(w.shape[0], np.float32)
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q8_0(w, r, xq, xd, f16)
+    return out
+
+
+@_kernel(parallel=True)
+def _matvec_q4_1(w, x, f16):
+    xq = np.empty((w.shape[1], QK), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    xs = np.empty(w.shape[1], np.float32)
+    _quantize_q8_1_cpu(x, xq, xd, xs)
+    out = np.empty(w.shape[0], np.float32)
+    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        lanes = np.empty(8, np.float32)
+        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+            out[r] = _dot_q4_1(w, r, xq, xd, xs, f16, lanes)
+    return out
+
+
+@_kernel(parallel=True)
+def _matvec_q5_1(w, x, f16):
+    xq = np.empty((w.shape[1], QK), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    xs = np.empty(w.shape[1], np.float32)
+    _quantize_q8_1_cpu(x, xq, xd, xs)
+    out = np.empty(w.shape[0], np.float32)
+    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        lanes = np.empty(8, np.float32)
+        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+            out[r] = _dot_q5_1(w, r, xq, xd, xs, f16, lanes)
+    return out
+
+
+@_kernel(parallel=True)
+def _matvec_q2_k(w, x, f16):
+    xq = np.empty((w.shape[1], QK_K), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    xbsums = np.empty((w.shape[1], QK_K // 16), np.int32)
+    _quantize_q8_k(x, xq, xd, xbsums)
+    out = np.empty(w.shape[0], np.float32)
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q2_k(w, r, xq, xd, xbsums, f16)
+    return out
+
+
+@_kernel(parallel=True)
+def _matvec_q3_k(w, x, f16):
+    xq = np.empty((w.shape[1], QK_K), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    xbsums = np.empty((w.shape[1], QK_K // 16), np.int32)
+    _quantize_q8_k(x, xq, xd, xbsums)
+    out = np.empty(w.shape[0], np.float32)
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q3_k(w, r, xq, xd, f16)
+    return out
+
+
+@_kernel(parallel=True)
+def _matvec_q4_k(w, x, f16):
+    xq = np.empty((w.shape[1], QK_K), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    xbsums = np.empty((w.shape[1], QK_K // 16), np.int32)
+    _quantize_q8_k(x, xq, xd, xbsums)
+    out = np.empty(w.shape[0], np.float32)
+    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        lanes = np.empty(8, np.float32)
+        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+            out[r] = _dot_q4_k(w, r, xq, xd, xbsums, f16, lanes)
+    return out
+
+
+@_kernel(parallel=True)
+def _matvec_q5_k(w, x, f16):
+    xq = np.empty((w.shape[1], QK_K), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    xbsums = np.empty((w.shape[1], QK_K // 16), np.int32)
+    _quantize_q8_k(x, xq, xd, xbsums)
+    out = np.empty(w.shape[0], np.float32)
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q5_k(w, r, xq, xd, xbsums, f16)
+    return out
+
+
+@_kernel(parallel=True)
+def _matvec_q6_k(w, x, f16):
+    xq = np.empty((w.shape[1], QK_K), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    xbsums = np.empty((w.shape[1], QK_K // 16), np.int32)
+    _quantize_q8_k(x, xq, xd, xbsums)
+    out = np.empty(w.shape[0], np.float32)
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q6_k(w, r, xq, xd, f16)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dequantisation: rows[i] of w -> out[i]. Same float32 operations, in the same order, as gguf-py's dequantize_blocks
+# (and ggml's dequantize_row_*), so the results are bit-identical.
+
+
+@_kernel(parallel=True)
+def _dequant_q4_0(w, rows, f16, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(w.shape[1]):
+            d = _f16_at(w, r, b, 0, f16)
+            for j in range(16):
+                q = np.int32(w[r, b, 2 + j])
+                out[i, QK * b + j] = d * np.float32((q & 15) - 8)
+                out[i, QK * b + 16 + j] = d * np.float32((q >> 4) - 8)
+
+
+@_kernel(parallel=True)
+def _dequant_q4_1(w, rows, f16, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(w.shape[1]):
+            d = _f16_at(w, r, b, 0, f16)
+            m = _f16_at(w, r, b, 2, f16)
+            for j in range(16):
+                q = np.int32(w[r, b, 4 + j])
+                out[i, QK * b + j] = d * np.float32(q & 15) + m
+                out[i, QK * b + 16 + j] = d * np.float32(q >> 4) + m
+
+
+@_kernel(parallel=True)
+def _dequant_q5_0(w, rows, f16, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(w.shape[1]):
+            d = _f16_at(w, r, b, 0, f16)
+            qh = _u32_at(w, r, b, 2)
+            for j in range(16):
+                q = np.int32(w[r, b, 6 + j])
+                out[i, QK * b + j] = d * np.float32(((q & 15) | np.int32(((qh >> j) & 1) << 4)) - 16)
+                out[i, QK * b + 16 + j] = d * np.float32(((q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)) - 16)
+
+
+@_kernel(parallel=True)
+def _dequant_q5_1(w, rows, f16, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(w.shape[1]):
+            d = _f16_at(w, r, b, 0, f16)
+            m = _f16_at(w, r, b, 2, f16)
+            qh = _u32_at(w, r, b, 4)
+            for j in range(16):
+                q = np.int32(w[r, b, 8 + j])
+                out[i, QK * b + j] = d * np.float32((q & 15) | np.int32(((qh >> j) & 1) << 4)) + m
+                out[i, QK * b + 16 + j] = d * np.float32((q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)) + m
+
+
+@_kernel(parallel=True)
+def _dequant_q8_0(w, rows, f16, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(w.shape[1]):
+            d = _f16_at(w, r, b, 0, f16)
+            for j in range(QK):
+                q = np.int32(w[r, b, 2 + j])
+                out[i, QK * b + j] = np.float32(q - ((q & 128) << 1)) * d
+
+
+@_kernel(parallel=True)
+def _dequant_q2_k(w, rows, f16, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(w.shape[1]):
+            d = _f16_at(w, r, b, 80, f16)
+            dmin = _f16_at(w, r, b, 82, f16)
+            for n in range(2):
+                for shift in range(0, 8, 2):
+                    for j in range(QK):
+                        e = 128 * n + 16 * shift + j  # element within the block; its scale byte is e // 16
+                        sc = np.int32(w[r, b, e >> 4])
+                        q = (np.int32(w[r, b, 16 + 32 * n + j]) >> shift) & 3
+                        out[i, QK_K * b + e] = (d * np.float32(sc & 15)) * np.float32(q) - dmin * np.float32(sc >> 4)
+
+
+@_kernel(parallel=True)
+def _dequant_q3_k(w, rows, f16, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(w.shape[1]):
+            d = _f16_at(w, r, b, 108, f16)
+            for n in range(2):
+                for k in range(4):
+                    bit = 4 * n + k
+                    for j in range(QK):
+                        e = 128 * n + 32 * k + j
+                        q = (np.int32(w[r, b, 32 + 32 * n + j]) >> (2 * k)) & 3
+                        q -= ((np.int32(w[r, b, j]) >> bit) & 1 ^ 1) << 2
+                        dl = d * np.float32(_scale_q3_k(w, r, b, e >> 4))
+                        out[i, QK_K * b + e] = dl * np.float32(q)
+
+
+@_kernel(parallel=True)
+def _dequant_q4_k(w, rows, f16, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(w.shape[1]):
+            d = _f16_at(w, r, b, 0, f16)
+            dmin = _f16_at(w, r, b, 2, f16)
+            scales, mins = _scales_mins_k4(w, r, b)
+            for k in range(4):
+                d_lo = d * np.float32(_byte(scales, 2 * k))
+                d_hi = d * np.float32(_byte(scales, 2 * k + 1))
+                dm_lo = dmin * np.float32(_byte(mins, 2 * k))
+                dm_hi = dmin * np.float32(_byte(mins, 2 * k + 1))
+                for j in range(QK):
+                    q = np.int32(w[r, b, 16 + 32 * k + j])
+                    out[i, QK_K * b + 64 * k + j] = d_lo * np.float32(q & 15) - dm_lo
+                    out[i, QK_K * b + 64 * k + 32 + j] = d_hi * np.float32(q >> 4) - dm_hi
+
+
+@_kernel(parallel=True)
+def _dequant_q5_k(w, rows, f16, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(w.shape[1]):
+            d = _f16_at(w, r, b, 0, f16)
+            dmin = _f16_at(w, r, b, 2, f16)
+            scales, mins = _scales_mins_k4(w, r, b)
+            for k in range(4):
+                d_lo = d * np.float32(_byte(scales, 2 * k))
+                d_hi = d * np.float32(_byte(scales, 2 * k + 1))
+                dm_lo = dmin * np.float32(_byte(mins, 2 * k))
+                dm_hi = dmin * np.float32(_byte(mins, 2 * k + 1))
+                for j in range(QK):
+                    q = np.int32(w[r, b, 48 + 32 * k + j])
+                    qh = np.int32(w[r, b, 16 + j])
+                    lo = (q & 15) | (((qh >> (2 * k)) & 1) << 4)
+                    hi = (q >> 4) | (((qh >> (2 * k + 1)) & 1) << 4)
+                    out[i, QK_K * b + 64 * k + j] = d_lo * np.float32(lo) - dm_lo
+                    out[i, QK_K * b + 64 * k + 32 + j] = d_hi * np.float32(hi) - dm_hi
+
+
+@_kernel(parallel=True)
+def _dequant_q6_k(w, rows, f16, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        for b in range(w.shape[1]):
+            d = _f16_at(w, r, b, 208, f16)
+            for n in range(2):
+                for l in range(QK):
+                    ql_a = np.int32(w[r, b, 64 * n + l])
+                    ql_b = np.int32(w[r, b, 64 * n + 32 + l])
+                    qh = np.int32(w[r, b, 128 + 32 * n + l])
+                    g = 192 + 8 * n + (l >> 4)
+                    e = QK_K * b + 128 * n + l
+                    out[i, e] = (d * np.float32(np.int8(w[r, b, g]))) * np.float32(((ql_a & 15) | ((qh & 3) << 4)) - 32)
+                    out[i, e + 32] = ((d * np.float32(np.int8(w[r, b, g + 2])))
+                                      * np.float32(((ql_b & 15) | (((qh >> 2) & 3) << 4)) - 32))
+                    out[i, e + 64] = ((d * np.float32(np.int8(w[r, b, g + 4])))
+                                      * np.float32(((ql_a >> 4) | (((qh >> 4) & 3) << 4)) - 32))
+                    out[i, e + 96] = ((d * np.float32(np.int8(w[r, b, g + 6])))
+                                      * np.float32(((ql_b >> 4) | (((qh >> 6) & 3) << 4)) - 32))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prefill: activations quantised to the vec_dot_type and turned back into exact floats (d*q), row by row.
+
+
+@_kernel(parallel=True)
+def _roundtrip_q8_0(x):
+    out = np.empty_like(x)
+    for i in prange(x.shape[0]):
+        qs = np.empty((x.shape[1] // QK, QK), np.int8)
+        d = np.empty(x.shape[1] // QK, np.float32)
+        _quantize_q8_0_cpu(x[i], qs, d)
+        for b in range(d.shape[0]):
+            for j in range(QK):
+                out[i, QK * b + j] = np.float32(qs[b, j]) * d[b]
+    return out
+
+
+@_kernel(parallel=True)
+def _roundtrip_q8_1(x):
+    """Also returns s - sum(d*q) per block: ggml's Q4_1/Q5_1 dot uses the min term m*s with s rounded to f16."""
+    out = np.empty_like(x)
+    s_excess = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
+    for i in prange(x.shape[0]):
+        qs = np.empty((x.shape[1] // QK, QK), np.int8)
+        d = np.empty(x.shape[1] // QK, np.float32)
+        s = np.empty(x.shape[1] // QK, np.float32)
+        _quantize_q8_1_cpu(x[i], qs, d, s)
+        for b in range(d.shape[0]):
+            total = 0.0
+            for j in range(QK):
+                v = np.float32(qs[b, j]) * d[b]
+                out[i, QK * b + j] = v
+                total += v
+            s_excess[i, b] = np.float32(s[b] - total)
+    return out, s_excess
+
+
+@_kernel(parallel=True)
+def _roundtrip_q8_k(x):
+    out = np.empty_like(x)
+    for i in prange(x.shape[0]):
+        qs = np.empty((x.shape[1] // QK_K, QK_K), np.int8)
+        d = np.empty(x.shape[1] // QK_K, np.float32)
+        bsums = np.empty((x.shape[1] // QK_K, QK_K // 16), np.int32)
+        _quantize_q8_k(x[i], qs, d, bsums)
+        for b in range(d.shape[0]):
+            for j in range(QK_K):
+                out[i, QK_K * b + j] = d[b] * np.float32(qs[b, j])
+    return out
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> nearest bfloat16 (half to even, nan kept quiet) as float32: ggml_compute_fp32_to_bf16."""
+    bits = x.view(np.uint32).astype(np.uint64)
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    rounded = np.where(is_nan, (bits & 0xFFFF0000) | (64 << 16), rounded)
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def _roundtrip_f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _roundtrip_f32(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dense weights (F32/F16/BF16): numpy does the conversion, BLAS the products.
+
+
+def _dense_rows(dense: np.ndarray, qtype: QT, rows) -> np.ndarray:
+    part = dense if rows is None else dense[rows]
+    if qtype == QT.F32:
+        return np.array(part, dtype=np.float32, copy=rows is None)
+    if qtype == QT.F16:
+        return part.view(np.float16).astype(np.float32)
+    return (part.astype(np.uint32) << 16).view(np.float32)  # BF16
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The per-type table. Adding a type (MXFP4, NVFP4, ...) = a dot + matvec kernel, a dequant kernel and one entry here.
+
+
+@dataclass(frozen=True)
+class _TypeKernels:
+    act_type: QT                 # ggml's vec_dot_type: what the activation is quantised to
+    matvec: Callable | None      # (blocks view, x, F16_TO_F32) -> (rows,); None: dense BLAS path
+    dequant: Callable | None     # (blocks view, row indices, F16_TO_F32, out) -> None; None: dense
+    roundtrip: Callable          # float32 (n, cols) -> activations as the kernels see them (float32 d*q)
+    min_offset: int = -1         # byte offset of the f16 block min for Q8_1 weight types (s correction), else -1
+
+
+_TYPES: dict[QT, _TypeKernels] = {
+    QT.F32: _TypeKernels(QT.F32, None, None, _roundtrip_f32),
+    QT.F16: _TypeKernels(QT.F16, None, None, _roundtrip_f16),
+    QT.BF16: _TypeKernels(QT.BF16, None, None, _round_bf16),
+    QT.Q4_0: _TypeKernels(QT.Q8_0, _matvec_q4_0, _dequant_q4_0, _roundtrip_q8_0),
+    QT.Q4_1: _TypeKernels(QT.Q8_1, _matvec_q4_1, _dequant_q4_1, _roundtrip_q8_1, min_offset=2),
+    QT.Q5_0: _TypeKernels(QT.Q8_0, _matvec_q5_0, _dequant_q5_0, _roundtrip_q8_0),
+    QT.Q5_1: _TypeKernels(QT.Q8_1, _matvec_q5_1, _dequant_q5_1, _roundtrip_q8_1, min_offset=2),
+    QT.Q8_0: _TypeKernels(QT.Q8_0, _matvec_q8_0, _dequant_q8_0, _roundtrip_q8_0),
+    QT.Q2_K: _TypeKernels(QT.Q8_K, _matvec_q2_k, _dequant_q2_k, _roundtrip_q8_k),
+    QT.Q3_K: _TypeKernels(QT.Q8_K, _matvec_q3_k, _dequant_q3_k, _roundtrip_q8_k),
+    QT.Q4_K: _TypeKernels(QT.Q8_K, _matvec_q4_k, _dequant_q4_k, _roundtrip_q8_k),
+    QT.Q5_K: _TypeKernels(QT.Q8_K, _matvec_q5_k, _dequant_q5_k, _roundtrip_q8_k),
+    QT.Q6_K: _TypeKernels(QT.Q8_K, _matvec_q6_k, _dequant_q6_k, _roundtrip_q8_k),
+}
+
+SUPPORTED_TYPES = frozenset(_TYPES)
+_DENSE_DTYPES = {QT.F32: np.float32, QT.F16: np.uint16, QT.BF16: np.uint16}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+class QTensor:
+    """A 2-D weight matrix stored in a ggml type, backed by (a view into) the mmap; no copy.
+
+    data: uint8 (rows, row_bytes) as gguf.GGUFReader gives for quantised tensors, or for F32/F16/BF16 the natural
+    dtype (rows, cols); shape = (rows, cols), i.e. the tensor's ggml ne reversed.
+    """
+
+    __slots__ = ("data", "qtype", "shape", "nbytes", "_view")
+
+    def __init__(self, data: np.ndarray, qtype: QT, shape: tuple[int, int]):
+        qtype = QT(qtype)
+        if qtype not in _TYPES:
+            raise LlmqError(f"tensor type {qtype.name} is not supported by the runtime "
+                            f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
+        rows, cols = (int(n) for n in shape)
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        if cols % block:
+            raise LlmqError(f"{qtype.name} tensor of shape {rows}x{cols}: {cols} columns is not a multiple of {block}")
+        raw = np.ascontiguousarray(data)  # a view for anything the reader gives
+        if raw.nbytes != rows * (cols // block) * block_bytes:
+            raise LlmqError(f"{qtype.name} tensor of shape {rows}x{cols} needs {rows * (cols // block) * block_bytes} "
+                            f"bytes, got {raw.nbytes}")
+        raw = raw.reshape(-1).view(np.uint8).reshape(rows, -1)
+        self.data = raw
+        self.qtype = qtype
+        self.shape = (rows, cols)
+        self.nbytes = raw.nbytes
+        if qtype in _DENSE_DTYPES:
+            self._view = raw.view(_DENSE_DTYPES[qtype])
+        else:
+            self._view = raw.reshape(rows, cols // block, block_bytes)
+        self._view.flags.writeable = False  # one compiled signature, whether the data is a read-only mmap or not
+
+    @classmethod
+    def from_gguf(cls, tensor) -> QTensor:
+        """From a gguf.ReaderTensor (2-D)."""
+        cols, rows = (int(n) for n in tensor.shape)
+        return cls(tensor.data, tensor.tensor_type, (rows, cols))
+
+    def __repr__(self) -> str:
+        return f"QTensor({self.qtype.name}, {self.shape[0]}x{self.shape[1]})"
+
+
+def _as_rows(x: np.ndarray, cols: int, what: str) -> np.ndarray:
+    x = np.require(x, dtype=np.float32, requirements=["C", "W"])  # a single compiled signature per kernel
+    if x.shape[-1] != cols:
+        raise ValueError(f"{what}: activation has {x.shape[-1]} columns, weight has {cols}")
+    return x
+
+
+def matvec(w: QTensor, x: np.ndarray) -> np.ndarray:
+    """W @ x for one activation row x (cols,) -> (rows,), float32: the decode path."""
+    x = _as_rows(x, w.shape[1], "matvec")
+    if x.ndim != 1:
+        raise ValueError(f"matvec: x must be 1-D, got shape {x.shape}")
+    kernels = _TYPES[w.qtype]
+    if kernels.matvec is not None:
+        return kernels.matvec(w._view, x, F16_TO_F32)
+    return _dense_matmul(w, kernels.roundtrip(x[None, :]))[0]
+
+
+_SMALL_BATCH = 4  # below this many rows, per-row fused matvecs beat dequantising the whole matrix
+_TILE_BYTES = 8 << 20  # float32 weight rows dequantised per BLAS call: few switches between numba and BLAS threads
+
+
+def matmul(w: QTensor, x: np.ndarray) -> np.ndarray:
+    """x @ W.T for activations x (n, cols) -> (n, rows), float32: the prefill path."""
+    x = _as_rows(x, w.shape[1], "matmul")
+    if x.ndim != 2:
+        raise ValueError(f"matmul: x must be 2-D, got shape {x.shape}")
+    kernels = _TYPES[w.qtype]
+    if kernels.matvec is not None and x.shape[0] < _SMALL_BATCH:
+        return np.stack([kernels.matvec(w._view, row, F16_TO_F32) for row in x]) if len(x) else \
+            np.empty((0, w.shape[0]), np.float32)
+    if kernels.dequant is None:
+        return _dense_matmul(w, kernels.roundtrip(x))
+    if kernels.min_offset >= 0:
+        xhat, s_excess = kernels.roundtrip(x)
+    else:
+        xhat, s_excess = kernels.roundtrip(x), None
+    rows, cols = w.shape
+    out = np.empty((x.shape[0], rows), np.float32)
+    tile_rows = max(16, _TILE_BYTES // (4 * cols))
+    tile = np.empty((min(tile_rows, rows), cols), np.float32)
+    for r0 in range(0, rows, tile_rows):
+        r1 = min(rows, r0 + tile_rows)
+        kernels.dequant(w._view, np.arange(r0, r1), F16_TO_F32, tile)
+        np.matmul(xhat, tile[: r1 - r0].T, out=out[:, r0:r1])
+    if s_excess is not None:
+        # ggml adds m*s per block where s = f16(d*sum(q)); the dequantised product above used m*sum(d*q).
+        mins = w._view[:, :, kernels.min_offset:kernels.min_offset + 2].copy().view(np.float16)[:, :, 0]
+        out += s_excess @ mins.astype(np.float32).T
+    return out
+
+
+def _dense_matmul(w: QTensor, xhat: np.ndarray) -> np.ndarray:
+    rows, cols = w.shape
+    if w.qtype == QT.F32:
+        return xhat @ w._view.T
+    out = np.empty((xhat.shape[0], rows), np.float32)
+    tile_rows = max(16, _TILE_BYTES // (4 * cols))
+    for r0 in range(0, rows, tile_rows):
+        r1 = min(rows, r0 + tile_rows)
+        np.matmul(xhat, _dense_rows(w._view[r0:r1], w.qtype, None).T, out=out[:, r0:r1])
+    return out
+
+
+def dequantize(w: QTensor, rows=None) -> np.ndarray:
+    """float32 (len(rows), cols) for the given row indices (an embedding lookup), or the whole matrix."""
+    kernels = _TYPES[w.qtype]
+    if kernels.dequant is None:
+        return _dense_rows(w._view, w.qtype, None if rows is None else np.asarray(rows, dtype=np.int64))
+    index = np.arange(w.shape[0]) if rows is None else np.require(np.reshape(rows, -1), np.int64, ["C", "W"])
+    if index.size and (index.min() < 0 or index.max() >= w.shape[0]):
+        raise IndexError(f"row index out of range for {w!r}")
+    out = np.empty((index.size, w.shape[1]), np.float32)
+    kernels.dequant(w._view, index, F16_TO_F32, out)
+    return out
+
+
+def quantize_activation(x: np.ndarray, weight_type: QT) -> np.ndarray:
+    """x (..., cols) as the dot products with a `weight_type` matrix see it: quantised to that type's vec_dot_type the
+    way llama.cpp's x86 CPU backend does, and back to float32 (exact d*q values). E.g. a query against a q8_0 or q4_0
+    K cache: quantize_activation(q, QT.Q8_0)."""
+    kernels = _TYPES[QT(weight_type)]
+    x = np.asarray(x, dtype=np.float32)
+    out = kernels.roundtrip(np.require(x.reshape(-1, x.shape[-1]), np.float32, ["C", "W"]))
+    return (out[0] if kernels.min_offset >= 0 else out).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV-cache codecs (llama.cpp --cache-type-k/-v q8_0 / q4_0): float32 rows <-> packed ggml blocks.
+
+
+@_kernel(parallel=True)
+def _pack_q8_0(x, ref):
+    nb = x.shape[1] // QK
+    out = np.empty((x.shape[0], nb * 34), np.uint8)
+    for i in prange(x.shape[0]):
+        for b in range(nb):
+            amax = np.float32(0.0)
+            for j in range(QK):
+                amax = max(amax, abs(x[i, QK * b + j]))
+            d = amax / np.float32(127.0)
+            bits = _f16_bits(d)
+            out[i, 34 * b] = bits & 255
+            out[i, 34 * b + 1] = bits >> 8
+            if ref:  # quantize_row_q8_0_ref: multiply by 1/d, round half away from zero
+                iscale = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+                for j in range(QK):
+                    v = np.float64(x[i, QK * b + j] * iscale)
+                    q = math.floor(abs(v) + 0.5)
+                    out[i, 34 * b + 2 + j] = np.int64(q if v >= 0 else -q) & 255
+            else:  # ggml-cpu x86 quantize_row_q8_0: multiply by 127/amax, round half to even
+                iscale = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+                for j in range(QK):
+                    q = min(127.0, max(-128.0, np.rint(x[i, QK * b + j] * iscale)))
+                    out[i, 34 * b + 2 + j] = np.int64(q) & 255
+    return out
+
+
+@_kernel(parallel=True)
+def _pack_q4_0(x):
+    nb = x.shape[1] // QK
+    out = np.empty((x.shape[0], nb * 18), np.uint8)
+    for i in prange(x.shape[0]):
+        for b in range(nb):
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(QK):
+                if amax < abs(x[i, QK * b + j]):
+                    amax = abs(x[i, QK * b + j])
+                    vmax = x[i, QK * b + j]
+            d = vmax / np.float32(-8.0)
+            bits = _f16_bits(d)
+            out[i, 18 * b] = bits & 255
+            out[i, 18 * b + 1] = bits >> 8
+            iscale = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            for j in range(16):
+                lo = min(15, np.int32(x[i, QK * b + j] * iscale + np.float32(8.5)))  # C's (int8_t) truncates
+                hi = min(15, np.int32(x[i, QK * b + 16 + j] * iscale + np.float32(8.5)))
+                out[i, 18 * b + 2 + j] = lo | (hi << 4)
+    return out
+
+
+def _as_block_rows(x: np.ndarray) -> np.ndarray:
+    x = np.require(x, dtype=np.float32, requirements=["C", "W"])
+    if x.ndim != 2 or x.shape[1] % QK:
+        raise ValueError(f"expected float32 rows (n, k) with k a multiple of {QK}, got shape {x.shape}")
+    return x
+
+
+def quantize_rows_q8_0(x: np.ndarray, ref: bool = True) -> np.ndarray:
+    """float32 (n, k) -> Q8_0 blocks uint8 (n, k/32*34).
+
+    ref=True is ggml's quantize_row_q8_0_ref (what gguf-py and the converters write). ref=False is what llama.cpp's
+    CPU backend does on x86 when it writes a q8_0 KV cache (set_rows uses quantize_row_q8_0, AVX path: scale 127/amax,
+    round half to even); the two differ only on rounding ties and in the last bit of the scale.
+    """
+    return _pack_q8_0(_as_block_rows(x), ref)
+
+
+def quantize_rows_q4_0(x: np.ndarray) -> np.ndarray:
+    """float32 (n, k) -> Q4_0 blocks uint8 (n, k/32*18), bit-exact with quantize_row_q4_0_ref (llama.cpp uses the
+    reference for q4_0 on every CPU, KV cache included)."""
+    return _pack_q4_0(_as_block_rows(x))
+
+
+def dequantize_rows_q8_0(blocks: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks uint8 (n, k/32*34) -> float32 (n, k)."""
+    return dequantize_rows(blocks, QT.Q8_0)
+
+
+def dequantize_rows_q4_0(blocks: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks uint8 (n, k/32*18) -> float32 (n, k)."""
+    return dequantize_rows(blocks, QT.Q4_0)
+
+
+def dequantize_rows(blocks: np.ndarray, qtype: QT) -> np.ndarray:
+    """Packed rows uint8 (n, row_bytes) of any supported type -> float32 (n, cols)."""
+    qtype = QT(qtype)
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    blocks = np.ascontiguousarray(blocks).view(np.uint8)
+    rows = blocks.shape[0]
+    return dequantize(QTensor(blocks, qtype, (rows, blocks.size // rows // block_bytes * block)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Threads
+
+
+def _physical_cores() -> int:
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:
+        cpus = set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for the numba kernels (capped at numba's pool size) and, when it can be reached, OpenBLAS."""
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    _set_blas_threads(n)
+
+
+def get_num_threads() -> int:
+    return numba.get_num_threads()
+
+
+def _set_blas_threads(n: int) -> None:
+    import ctypes
+    import glob
+
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "libscipy_openblas*.so*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                return
+
+
+set_num_threads(_physical_cores())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# python -m runtime.kernels [TYPE ...]: decode throughput on SmolLM2-135M shapes against the machine's read bandwidth.
+
+
+@njit(parallel=True, cache=True)
+def _read_all(a):
+    partial = np.zeros(a.shape[0], np.uint64)
+    for i in prange(a.shape[0]):
+        total = np.uint64(0)
+        for j in range(a.shape[1]):
+            total += a[i, j]
+        partial[i] = total
+    return partial.sum()
+
+
+# Byte offsets of the f16 scale fields in each block (see the layouts at the top).
+_F16_FIELDS = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,), QT.Q2_K: (80, 82),
+               QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
+
+
+def _benchmark(type_names: list[str]) -> None:
+    import sys
+    import time
+
+    def best_time(fn, seconds=2.0):
+        fn()
+        best, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    rng = np.random.default_rng(0)
+    print(f"threads: {get_num_threads()}")
+    for mib in (32, 1024):
+        a = np.ones(((mib << 20) // 8 // 4096, 4096), np.uint64)
+        print(f"read bandwidth ({mib} MiB array): {a.nbytes / best_time(lambda: _read_all(a)) / 1e9:.1f} GB/s")
+    types = [QT[name] for name in type_names] or [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K]
+    for qtype in types:
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        for rows, cols in [(576, 1536), (1536, 576), (49152, 576)]:
+            if cols % block:
+                continue
+            data = rng.integers(0, 256, (rows, cols // block, block_bytes), dtype=np.uint8)
+            for offset in _F16_FIELDS[qtype]:  # sane scales: random bits could be nan, inf or subnormal
+                data[:, :, offset:offset + 2] = np.array([1e-3], np.float16).view(np.uint8)
+            data = data.reshape(rows, -1)
+            w = QTensor(data, qtype, (rows, cols))
+            x = rng.standard_normal(cols).astype(np.float32)
+            t = best_time(lambda: matvec(w, x))
+            print(f"{qtype.name:5s} {rows:6d}x{cols:<5d} {t * 1e6:8.1f} us  {w.nbytes / t / 1e9:6.2f} GB/s", flush=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _benchmark(sys.argv[1:])
