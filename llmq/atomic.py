@@ -34,30 +34,42 @@ def check_free_space(out: Path, nbytes: int) -> None:
                         f"{free / 2**20:.1f} MiB free")
 
 
-class _Terminated(BaseException):
-    pass
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
+_pending: list[int] = []  # signals received inside atomic_output / atomic_directory, not yet acted on
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if SIGINT or SIGTERM arrived; writers call this between units of work (tensors)."""
+    if _pending:
+        _pending.clear()
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C so cleanup runs (only possible from the main thread)."""
+def _deferred_signals() -> Iterator[None]:
+    """SIGINT/SIGTERM set a flag instead of raising wherever the main thread happens to be: a KeyboardInterrupt
+    raised inside numba's dispatcher or llvmlite's ctypes callbacks becomes a SystemError traceback or is
+    swallowed. A second signal still interrupts at once. (Handlers can only be set from the main thread.)"""
     def handler(signum, frame):
-        raise _Terminated()
+        if _pending:
+            raise KeyboardInterrupt
+        _pending.append(signum)
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        _pending.clear()
 
 
 @contextlib.contextmanager
@@ -67,22 +79,23 @@ def atomic_output(out: Path, *, force: bool = False, expected_bytes: int = 0) ->
     check_output_path(out, force)
     if expected_bytes:
         check_free_space(out, expected_bytes)
+    tmp = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
-    except OSError as e:
-        raise LlmqError(f"cannot write {out}: {e.strerror or e}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with _sigterm_raises():
+        with _deferred_signals():
+            try:
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp",
+                                                dir=out.parent if str(out.parent) else ".")
+            except OSError as e:
+                raise LlmqError(f"cannot write {out}: {e.strerror or e}") from None
+            os.close(fd)
+            tmp = Path(tmp_name)
             yield tmp
+            check_interrupted()
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; the output is an ordinary file
             os.replace(tmp, out)
-    except _Terminated:
-        tmp.unlink(missing_ok=True)
-        raise KeyboardInterrupt from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -95,17 +108,17 @@ def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise LlmqError(f"cannot write {out}: directory {parent} does not exist or is not writable")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    tmp = None
     try:
-        with _sigterm_raises():
+        with _deferred_signals():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
             yield tmp
+            check_interrupted()
             os.chmod(tmp, 0o777 & ~_umask())
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
-    except _Terminated:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise KeyboardInterrupt from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise

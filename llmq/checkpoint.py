@@ -8,6 +8,7 @@ allocation. Tensors are read from a memory map, one at a time, so converting nev
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def read_safetensors_header(path: Path) -> list[TensorEntry]:
         raise LlmqError(f"cannot read {path}: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, 4300+ digit ints, nesting beyond the stack
         raise LlmqError(f"{path.name}: safetensors header is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise LlmqError(f"{path.name}: safetensors header is not a JSON object")
@@ -77,7 +78,7 @@ def read_safetensors_header(path: Path) -> list[TensorEntry]:
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise LlmqError(f"{path.name}: tensor {name!r} has a malformed header entry")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise LlmqError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype!r}")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
@@ -86,7 +87,7 @@ def read_safetensors_header(path: Path) -> list[TensorEntry]:
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
             raise LlmqError(f"{path.name}: tensor {name!r} has invalid data_offsets {offs!r}")
         begin, end = offs
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1] if shape else _DTYPES[dtype][1]
+        nbytes = math.prod(shape) * _DTYPES[dtype][1]  # Python ints: np.prod(int64) wraps round silently
         if not (0 <= begin <= end <= data_len):
             raise LlmqError(f"{path.name}: tensor {name!r} lies outside the file "
                             f"(bytes {begin}..{end} of {data_len}; truncated file?)")
@@ -120,9 +121,11 @@ class Checkpoint:
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 names = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                if not all(isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..") for n in names):
+                    raise TypeError("shard names must be plain file names")
+            except (ValueError, RecursionError, KeyError, TypeError, AttributeError, OSError):
                 raise LlmqError(f"{index}: not a valid safetensors index (expected a 'weight_map' object)") from None
             files = [self.dir / n for n in names]
             missing = [f.name for f in files if not f.is_file()]
@@ -176,7 +179,7 @@ def load_config(model_dir: Path) -> dict:
         raise LlmqError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError, OSError) as e:  # ValueError covers JSON, UTF-8 and 4300+ digit ints
         raise LlmqError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(config, dict):
         raise LlmqError(f"{path}: expected a JSON object")

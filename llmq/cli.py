@@ -16,7 +16,9 @@ def _cmd_convert(args) -> int:
     from .convert import convert
 
     res = convert(args.src, args.output, args.type, force=args.force, allow_nonfinite=args.allow_nonfinite,
-                  tensor_types=args.tensor_type, progress=not args.quiet)
+                  tensor_types=args.tensor_type, progress=not args.quiet, method=args.method, calib=args.calib,
+                  calib_samples=args.calib_samples, calib_len=args.calib_len, smooth=args.smooth,
+                  act_order=args.act_order)
     types = ", ".join(f"{n} {t}" for t, n in sorted(res.types.items(), key=lambda kv: -kv[1]))
     print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.n_tensors} tensors: {types})")
     return 0
@@ -88,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.add_argument("--allow-nonfinite", action="store_true", help="convert even if weights hold NaN/Inf")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--method", default="rtn", choices=["rtn", "awq", "gptq", "awq+gptq"],
+                   help="quantiser: rtn (default; importance-weighted when --calib is given), awq, gptq, awq+gptq "
+                   "(these need --calib)")
+    c.add_argument("--calib", metavar="TEXT_FILE", help="calibration text (plain UTF-8)")
+    c.add_argument("--calib-samples", type=int, default=None, metavar="N", help="calibration windows (default 128)")
+    c.add_argument("--calib-len", type=int, default=None, metavar="L", help="tokens per window (default 512)")
+    c.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant migration strength in [0, 1], folded in before the method (needs --calib)")
+    c.add_argument("--act-order", action="store_true", help="GPTQ: quantise columns by decreasing importance on "
+                   "grids chosen up front (default: natural order, each block's scales chosen when reached)")
     c.set_defaults(func=_cmd_convert)
 
     i = sub.add_parser("inspect", help="show a GGUF file's metadata and tensor table")
@@ -120,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--chunks", type=int, default=8, help="perplexity chunks of 512 tokens per file and engine")
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=_cmd_demo)
+
+    from . import verify
+
+    verify.register(sub)
 
     try:
         from runtime import cli as runtime_cli

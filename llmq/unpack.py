@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
 from . import arch as archs
-from .atomic import atomic_directory
+from .atomic import atomic_directory, check_interrupted
 from .errors import LlmqError
 
 _DTYPE = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
@@ -104,6 +104,7 @@ def unpack(path, out_dir, *, dtype: str = "bf16", force: bool = False) -> Path:
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
             for t, hf, shape in tensors:
+                check_interrupted()
                 qtype = QT(int(t.tensor_type))
                 w = np.asarray(dequantize(np.asarray(t.data), qtype), dtype=np.float32).reshape(shape)
                 if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):

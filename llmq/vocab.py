@@ -211,9 +211,12 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise LlmqError(f"cannot read {path}: {e}") from e
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise LlmqError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise LlmqError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def write_tokenizer(writer, model_dir: Path, config: dict, vocab_size: int) -> None:

@@ -19,6 +19,8 @@ def open_gguf(path) -> GGUFReader:
     path = Path(path)
     if not path.is_file():
         raise LlmqError(f"no such GGUF file: {path}")
+    from llmq.gguf_check import check_gguf
+    check_gguf(path)  # validates every count, length, type and offset before gguf-py trusts them
     try:
         return GGUFReader(path, "r")
     except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError... on malformed files
