@@ -30,6 +30,8 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help=f"({d.repeat_penalty}, 1: off)")
     p.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n, help=f"({d.repeat_last_n}, -1: all)")
     p.add_argument("-s", "--seed", type=int, default=-1, help="random seed, -1: random (default)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the run may use, e.g. 2G (default: what the machine has available)")
 
 
 def register(subparsers) -> None:
@@ -49,9 +51,20 @@ def register(subparsers) -> None:
     c.set_defaults(func=cmd_chat)
 
 
+def check_run_memory(args) -> None:
+    """Say what the run will need before mapping the model, and refuse when the machine cannot hold it."""
+    from llmq.memory import MiB, check_memory, estimate_runtime_peak
+
+    need = estimate_runtime_peak(args.model, args.ctx, args.cache_type_k, args.cache_type_v)
+    check_memory(need, f"running {args.model} with --ctx {args.ctx}", getattr(args, "max_memory", None))
+    print(f"[{args.engine}] expected peak memory ~{need / MiB:,.0f} MiB (weights + KV cache for {args.ctx} tokens "
+          f"+ activations)", file=sys.stderr)
+
+
 def make_engine(args):
     if args.ctx < 1:
         raise LlmqError(f"--ctx must be positive, got {args.ctx}")
+    check_run_memory(args)
     if args.engine == "llama.cpp":
         from .llamacpp_engine import LlamaCppEngine
 
