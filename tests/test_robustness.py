@@ -449,3 +449,15 @@ def test_verify_smollm2_is_clean_and_metadata_matches_runtime_reader():
     report = verify_gguf(SMOLLM2)
     assert report.ok, report.problems
     assert report.n_tensors == 272 and report.n_weights == 134_515_008
+
+
+def test_runtime_refuses_a_run_that_does_not_fit_in_memory(tiny_gguf):
+    """The runtime states its expected peak before starting and refuses, in one line, what --max-memory forbids."""
+    path = tiny_gguf("llama")[0]
+    r = run_cli("generate", path, "-p", "hi", "-n", "1", "--ctx", "64", "--max-memory", "1M")
+    assert r.code == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs about" in lines[0] and "--max-memory allows 1 MiB" in lines[0], lines
+    ok = run_cli("generate", path, "-p", "hi", "-n", "1", "--ctx", "64", "--temp", "0", timeout=300)
+    assert ok.code == 0, ok.stderr
+    assert "expected peak memory" in ok.stderr
