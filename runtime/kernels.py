@@ -284,21 +284,44 @@ def _dot_q4_0(w, r, xq, xd, f16, lanes):
     return _sum_lanes(lanes)
 
 
+@_jit
+def _fma(a, b, c):
+    """float32 a*b + c rounded once, as _mm256_fmadd_ps (the product of two floats is exact in float64; the sum is
+    rounded to double and then to float, which differs from one rounding only on ties of ~2^-29 probability)."""
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+@_jit
+def _hsum_float_8(lanes):
+    """ggml's hsum_float_8: high half + low half, then pairs (0+2) + (1+3)."""
+    r0 = lanes[4] + lanes[0]
+    r1 = lanes[5] + lanes[1]
+    r2 = lanes[6] + lanes[2]
+    r3 = lanes[7] + lanes[3]
+    return (r0 + r2) + (r1 + r3)
+
+
 @_jit_inline
 def _dot_q4_1(w, r, xq, xd, xs, f16, lanes):
+    """ggml_vec_dot_q4_1_q8_1, x86 AVX2 order bit for bit: the 32 nibbles unpacked low halves first (elements 0-15)
+    then high halves (16-31); integer lane l sums elements 4l..4l+3 (dpbusd / maddubs+madd); each block does
+    lane = fma(d_w*d_x, float(lane sum), lane); the m*s terms go to a scalar sum (contracted to fma by GCC)."""
     for lane in range(8):
         lanes[lane] = 0
     mins = np.float32(0.0)
     for b in range(w.shape[1]):
         scale = _f16_at(w, r, b, 0, f16) * xd[b]
-        for l in range(8):
-            q0 = np.int32(w[r, b, 4 + l])
-            q1 = np.int32(w[r, b, 12 + l])
-            p = np.int32((q0 & 15) * xq[b, l] + (q1 & 15) * xq[b, l + 8]
-                         + (q0 >> 4) * xq[b, l + 16] + (q1 >> 4) * xq[b, l + 24])
-            lanes[l] += scale * np.float32(p)
-        mins += _f16_at(w, r, b, 2, f16) * xs[b]  # ggml's m * s term of the Q4_1 x Q8_1 dot
-    return _sum_lanes(lanes) + mins
+        mins = _fma(_f16_at(w, r, b, 2, f16), xs[b], mins)
+        for l in range(4):
+            lo = np.int32(0)
+            hi = np.int32(0)
+            for j in range(4):
+                q = np.int32(w[r, b, 4 + 4 * l + j])
+                lo = np.int32(lo + (q & 15) * xq[b, 4 * l + j])
+                hi = np.int32(hi + (q >> 4) * xq[b, 16 + 4 * l + j])
+            lanes[l] = _fma(scale, np.float32(lo), lanes[l])
+            lanes[4 + l] = _fma(scale, np.float32(hi), lanes[4 + l])
+    return _hsum_float_8(lanes) + mins
 
 
 @_jit_inline
@@ -539,6 +562,48 @@ def _matvec_q4_1(w, x, f16):
         lanes = np.empty(8, np.float32)
         for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
             out[r] = _dot_q4_1(w, r, xq, xd, xs, f16, lanes)
+    return out
+
+
+@_kernel(parallel=True)
+def _matmul_q4_1(w, x, f16):
+    """Prefill with the decode dot for every (token, row): llama.cpp has no batched Q4_1 kernel on x86 either, so
+    this keeps prefill bit-identical to it. Each weight row is unpacked once (nibbles in ggml's element order) and
+    then dotted with every token."""
+    n, nb = x.shape[0], w.shape[1]
+    xq = np.empty((n, nb, QK), np.int8)
+    xd = np.empty((n, nb), np.float32)
+    xs = np.empty((n, nb), np.float32)
+    for t in prange(n):
+        _quantize_q8_1_cpu(x[t], xq[t], xd[t], xs[t])
+    out = np.empty((n, w.shape[0]), np.float32)
+    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        wq = np.empty((nb, QK), np.int8)
+        wd = np.empty(nb, np.float32)
+        wm = np.empty(nb, np.float32)
+        lanes = np.empty(8, np.float32)
+        sums = np.empty(8, np.int32)
+        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+            for b in range(nb):
+                wd[b] = _f16_at(w, r, b, 0, f16)
+                wm[b] = _f16_at(w, r, b, 2, f16)
+                for j in range(16):
+                    wq[b, j] = w[r, b, 4 + j] & 15
+                    wq[b, 16 + j] = w[r, b, 4 + j] >> 4
+            for t in range(n):
+                for lane in range(8):
+                    lanes[lane] = 0
+                mins = np.float32(0.0)
+                for b in range(nb):
+                    scale = wd[b] * xd[t, b]
+                    mins = _fma(wm[b], xs[t, b], mins)
+                    for l in range(8):
+                        sums[l] = (np.int32(wq[b, 4 * l]) * xq[t, b, 4 * l] + np.int32(wq[b, 4 * l + 1]) * xq[t, b, 4 * l + 1]
+                                   + np.int32(wq[b, 4 * l + 2]) * xq[t, b, 4 * l + 2]
+                                   + np.int32(wq[b, 4 * l + 3]) * xq[t, b, 4 * l + 3])
+                    for l in range(8):
+                        lanes[l] = _fma(scale, np.float32(sums[l]), lanes[l])
+                out[t, r] = _hsum_float_8(lanes) + mins
     return out
 
 
@@ -871,25 +936,27 @@ def _dense_rows(dense: np.ndarray, qtype: QT, rows) -> np.ndarray:
 class _TypeKernels:
     act_type: QT                 # ggml's vec_dot_type: what the activation is quantised to
     matvec: Callable | None      # (blocks view, x, F16_TO_F32) -> (rows,); None: dense BLAS path
+    matmul: Callable | None      # (blocks view, X, F16_TO_F32) -> (n, rows) bit-identical to llama.cpp's batched
+                                 # product, or None: dequantise + BLAS
     dequant: Callable | None     # (blocks view, row indices, F16_TO_F32, out) -> None; None: dense
     roundtrip: Callable          # float32 (n, cols) -> activations as the kernels see them (float32 d*q)
     min_offset: int = -1         # byte offset of the f16 block min for Q8_1 weight types (s correction), else -1
 
 
 _TYPES: dict[QT, _TypeKernels] = {
-    QT.F32: _TypeKernels(QT.F32, None, None, _roundtrip_f32),
-    QT.F16: _TypeKernels(QT.F16, None, None, _roundtrip_f16),
-    QT.BF16: _TypeKernels(QT.BF16, None, None, _round_bf16),
-    QT.Q4_0: _TypeKernels(QT.Q8_0, _matvec_q4_0, _dequant_q4_0, _roundtrip_q8_0),
-    QT.Q4_1: _TypeKernels(QT.Q8_1, _matvec_q4_1, _dequant_q4_1, _roundtrip_q8_1, min_offset=2),
-    QT.Q5_0: _TypeKernels(QT.Q8_0, _matvec_q5_0, _dequant_q5_0, _roundtrip_q8_0),
-    QT.Q5_1: _TypeKernels(QT.Q8_1, _matvec_q5_1, _dequant_q5_1, _roundtrip_q8_1, min_offset=2),
-    QT.Q8_0: _TypeKernels(QT.Q8_0, _matvec_q8_0, _dequant_q8_0, _roundtrip_q8_0),
-    QT.Q2_K: _TypeKernels(QT.Q8_K, _matvec_q2_k, _dequant_q2_k, _roundtrip_q8_k),
-    QT.Q3_K: _TypeKernels(QT.Q8_K, _matvec_q3_k, _dequant_q3_k, _roundtrip_q8_k),
-    QT.Q4_K: _TypeKernels(QT.Q8_K, _matvec_q4_k, _dequant_q4_k, _roundtrip_q8_k),
-    QT.Q5_K: _TypeKernels(QT.Q8_K, _matvec_q5_k, _dequant_q5_k, _roundtrip_q8_k),
-    QT.Q6_K: _TypeKernels(QT.Q8_K, _matvec_q6_k, _dequant_q6_k, _roundtrip_q8_k),
+    QT.F32: _TypeKernels(QT.F32, None, None, None, _roundtrip_f32),
+    QT.F16: _TypeKernels(QT.F16, None, None, None, _roundtrip_f16),
+    QT.BF16: _TypeKernels(QT.BF16, None, None, None, _round_bf16),
+    QT.Q4_0: _TypeKernels(QT.Q8_0, _matvec_q4_0, None, _dequant_q4_0, _roundtrip_q8_0),
+    QT.Q4_1: _TypeKernels(QT.Q8_1, _matvec_q4_1, _matmul_q4_1, _dequant_q4_1, _roundtrip_q8_1, min_offset=2),
+    QT.Q5_0: _TypeKernels(QT.Q8_0, _matvec_q5_0, None, _dequant_q5_0, _roundtrip_q8_0),
+    QT.Q5_1: _TypeKernels(QT.Q8_1, _matvec_q5_1, None, _dequant_q5_1, _roundtrip_q8_1, min_offset=2),
+    QT.Q8_0: _TypeKernels(QT.Q8_0, _matvec_q8_0, None, _dequant_q8_0, _roundtrip_q8_0),
+    QT.Q2_K: _TypeKernels(QT.Q8_K, _matvec_q2_k, None, _dequant_q2_k, _roundtrip_q8_k),
+    QT.Q3_K: _TypeKernels(QT.Q8_K, _matvec_q3_k, None, _dequant_q3_k, _roundtrip_q8_k),
+    QT.Q4_K: _TypeKernels(QT.Q8_K, _matvec_q4_k, None, _dequant_q4_k, _roundtrip_q8_k),
+    QT.Q5_K: _TypeKernels(QT.Q8_K, _matvec_q5_k, None, _dequant_q5_k, _roundtrip_q8_k),
+    QT.Q6_K: _TypeKernels(QT.Q8_K, _matvec_q6_k, None, _dequant_q6_k, _roundtrip_q8_k),
 }
 
 SUPPORTED_TYPES = frozenset(_TYPES)
@@ -950,6 +1017,20 @@ def _as_rows(x: np.ndarray, cols: int, what: str) -> np.ndarray:
     return x
 
 
+# A decode step is ~200 small matrix-vector products of 20-200 us each. Waking numba's thread pool for each costs
+# more than it saves, and on a loaded machine one descheduled worker stalls the whole product (measured: a 576x576
+# Q8_0 product took 6 ms with 2 threads under load, 0.12 ms with 1). Only the large matrices (the output) go parallel.
+_PARALLEL_MATVEC_BYTES = 4 << 20
+_SERIAL: dict = {}
+
+
+def _serial(kernel: _Kernel) -> _Kernel:
+    """The same kernel compiled without parallel=True (prange runs as range)."""
+    if kernel not in _SERIAL:
+        _SERIAL[kernel] = _Kernel(njit(cache=True, nogil=True)(kernel.dispatcher.py_func))
+    return _SERIAL[kernel]
+
+
 def matvec(w: QTensor, x: np.ndarray) -> np.ndarray:
     """W @ x for one activation row x (cols,) -> (rows,), float32: the decode path."""
     x = _as_rows(x, w.shape[1], "matvec")
@@ -957,10 +1038,16 @@ def matvec(w: QTensor, x: np.ndarray) -> np.ndarray:
         raise ValueError(f"matvec: x must be 1-D, got shape {x.shape}")
     kernels = _TYPES[w.qtype]
     if kernels.matvec is not None:
+        if w.nbytes < _PARALLEL_MATVEC_BYTES:
+            return _serial(kernels.matvec)(w._view, x, F16_TO_F32)
         return kernels.matvec(w._view, x, F16_TO_F32)
     return _dense_matmul(w, kernels.roundtrip(x[None, :]))[0]
 
 
+# Prefill through the decode dot (bit-identical to llama.cpp where a type has such a kernel) instead of dequantise +
+# BLAS: 3-10x slower, and on SmolLM2 it did not move the parity numbers measurably (KL 3.03e-3 -> 3.03e-3), so off
+# unless LLMQ_BIT_EXACT=1 (for investigating where native and llama.cpp diverge).
+BIT_EXACT_PREFILL = os.environ.get("LLMQ_BIT_EXACT") == "1"
 _SMALL_BATCH = 4  # below this many rows, per-row fused matvecs beat dequantising the whole matrix
 _TILE_BYTES = 8 << 20  # float32 weight rows dequantised per BLAS call: few switches between numba and BLAS threads
 
@@ -974,6 +1061,8 @@ def matmul(w: QTensor, x: np.ndarray) -> np.ndarray:
     if kernels.matvec is not None and x.shape[0] < _SMALL_BATCH:
         return np.stack([kernels.matvec(w._view, row, F16_TO_F32) for row in x]) if len(x) else \
             np.empty((0, w.shape[0]), np.float32)
+    if kernels.matmul is not None and BIT_EXACT_PREFILL:
+        return kernels.matmul(w._view, x, F16_TO_F32)
     if kernels.dequant is None:
         return _dense_matmul(w, kernels.roundtrip(x))
     if kernels.min_offset >= 0:

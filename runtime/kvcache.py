@@ -12,10 +12,14 @@ to the cache's "vec_dot type" (ggml CPU backend, flash attention off, as llama-c
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from llmq.errors import LlmqError
+
+from .kernels import _round_f16
 
 CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0")
 QK = 32  # values per q8_0 / q4_0 block
@@ -151,4 +155,109 @@ def _f16_bits_to_f32(bits, table, out):
 def f16_to_f32(x: np.ndarray) -> np.ndarray:
     out = np.empty(x.shape, np.float32)
     _f16_bits_to_f32(np.ascontiguousarray(x).view(np.uint16), F16_TO_F32, out)
+    return out
+
+
+# ------------------------------------------------------------------------------- attention as llama.cpp computes it
+# With an f16 cache (flash attention off) ggml computes KQ and KQV as f16 x f16 matrix products in llamafile's
+# tinyBLAS (AVX512: 16 float lanes, lane i accumulating elements i, i+16, ... in order, then _mm512_reduce_add_ps),
+# and the softmax with ggml_v_expf (a polynomial, not libm's expf) over 16-value chunks summed in double. Matching
+# this bit for bit matters because every later matmul re-quantises its input: a last-bit difference here flips
+# q8 roundings downstream and grows into visible logit differences.
+
+_LANES = 16
+
+
+@njit(cache=True, inline="always")
+def _fma(a, b, c):
+    """float32 a*b + c with one rounding (the float64 product of two floats is exact)."""
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+@njit(cache=True, inline="always")
+def _reduce_add_16(lanes):
+    """GCC's _mm512_reduce_add_ps: halves added (hi + lo) down to 4 lanes, then (0+2), (1+3), then their sum."""
+    t0 = (lanes[8] + lanes[0]) + (lanes[12] + lanes[4])  # 256-bit halves, then 128-bit halves
+    t1 = (lanes[9] + lanes[1]) + (lanes[13] + lanes[5])
+    t2 = (lanes[10] + lanes[2]) + (lanes[14] + lanes[6])
+    t3 = (lanes[11] + lanes[3]) + (lanes[15] + lanes[7])
+    return (t0 + t2) + (t1 + t3)
+
+
+@njit(cache=True)
+def ggml_expf(x):
+    """ggml_v_expf (AVX512 variant), one float32 at a time."""
+    r = np.float32(12582912.0)  # 0x1.8p23
+    z = _fma(x, np.float32(1.44269502162933349609375), r)  # 0x1.715476p+0
+    n = z - r
+    b = _fma(-n, np.float32(1.42860677e-06), _fma(-n, np.float32(0.693145751953125), x))  # 0x1.7f7d1cp-20, 0x1.62e4p-1
+    u = b * b
+    j = _fma(_fma(_fma(np.float32(0.00824951939284801483154296875), b, np.float32(0.0418978221714496612548828125)), u,
+                  _fma(np.float32(0.16666583716869354248046875), b, np.float32(0.4999992549419403076171875))), u,
+             _fma(np.float32(0.999999940395355224609375), b, np.float32(1.0)))
+    if abs(n) > 192:
+        return np.float32(0.0) if n <= 0 else np.float32(np.inf)
+    return np.float32(math.ldexp(np.float64(j), int(n)))
+
+
+@njit(cache=True, parallel=True)
+def _attend_f16_kernel(q, keys, values, scale, pos0, kv_heads, out):
+    """q (n, H, d) already rounded to f16 values, keys/values (L, KV*d) f16 values as float32 -> out (n, H*d)."""
+    n, H, d = q.shape
+    G = H // kv_heads
+    L = keys.shape[0]
+    for task in prange(n * H):
+        t, h = task // H, task % H
+        kvh = h // G
+        visible = min(L, pos0 + t + 1)
+        lanes = np.zeros(_LANES, np.float32)
+        scores = np.empty(visible, np.float32)
+        for j in range(visible):
+            for i in range(_LANES):
+                lanes[i] = 0
+            for e0 in range(0, d, _LANES):
+                for i in range(_LANES):
+                    lanes[i] += q[t, h, e0 + i] * keys[j, kvh * d + e0 + i]
+            scores[j] = _reduce_add_16(lanes) * scale
+        top = -np.inf
+        for j in range(visible):
+            top = max(top, scores[j])
+        # ggml_vec_soft_max_f32: 16-value chunks of the (padded) row, each reduced in float, summed in double;
+        # masked positions are exp(-inf) = 0 and do not change any sum.
+        total = 0.0
+        for c0 in range(0, visible, _LANES):
+            for i in range(_LANES):
+                lanes[i] = 0
+            for i in range(min(_LANES, visible - c0)):
+                p = ggml_expf(scores[c0 + i] - top)
+                scores[c0 + i] = p
+                lanes[i] = p
+            total += np.float64(_reduce_add_16(lanes))
+        inv = np.float32(1.0 / total)
+        for j in range(visible):
+            scores[j] = _round_f16(scores[j] * inv)  # probabilities converted to f16 for the product with V
+        mix = np.zeros((_LANES, d), np.float32)  # mix[i, e]: lane i of output e; rows of V read contiguously
+        for j in range(visible):
+            p = scores[j]
+            for e in range(d):
+                mix[j % _LANES, e] += p * values[j, kvh * d + e]
+        for e in range(d):
+            for i in range(_LANES):
+                lanes[i] = mix[i, e]
+            out[t, h * d + e] = _reduce_add_16(lanes)
+
+
+_attend_f16_serial = njit(cache=True)(_attend_f16_kernel.py_func)
+
+
+def attend_f16(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float, pos0: int,
+               kv_heads: int) -> np.ndarray:
+    """Causal attention of q (n, H, d) at positions pos0.. over an f16 cache's keys/values (L, KV*d) as float32,
+    bit-identical to llama.cpp's CPU graph (KQ, soft_max_ext, KQV) -> (n, H*d)."""
+    n, H, d = q.shape
+    out = np.empty((n, H * d), np.float32)
+    q16 = np.ascontiguousarray(q, np.float32).astype(np.float16).astype(np.float32)
+    kernel = _attend_f16_kernel if n > 1 else _attend_f16_serial  # decode: not worth waking the thread pool
+    kernel(q16, np.ascontiguousarray(keys), np.ascontiguousarray(values), np.float32(scale), pos0,
+                       kv_heads, out)
     return out

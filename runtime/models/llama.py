@@ -16,20 +16,25 @@ d = head_dim, L = keys attended to."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
+from numba import njit
 
 from llmq.errors import LlmqError
 
-from ..kvcache import mix_dense, scores_dense
+from ..kvcache import attend_f16, mix_dense, scores_dense
 
 # llama.cpp's llama_model_rope_type(): these architectures rotate (x[i], x[i + d/2]) pairs ("NEOX"); llama-type
 # GGUFs rotate adjacent (x[2i], x[2i+1]) pairs ("NORM") because convert_hf_to_gguf permutes their q/k rows.
 NEOX_ROPE_ARCHS = frozenset({"qwen2", "qwen3"})
 
-PREFILL_CHUNK = 512  # tokens per forward pass during prefill, like llama.cpp's default n_batch
+PREFILL_CHUNK = 512
+# llama.cpp's f16-cache attention bit for bit (kvcache.attend_f16): much slower than the numpy path (its kernel is
+# not yet optimised) and it did not improve SmolLM2 parity measurably, so off unless LLMQ_BIT_EXACT=1.
+BIT_EXACT_ATTENTION = os.environ.get("LLMQ_BIT_EXACT") == "1"  # tokens per forward pass during prefill, like llama.cpp's default n_batch
 
 
 @dataclass
@@ -167,13 +172,7 @@ class Rope:
         self._cos = self._sin = np.zeros((0, n_pairs), np.float32)
 
     def _table(self, n_positions: int) -> None:
-        positions = np.arange(n_positions, dtype=np.float32)
-        angles = np.empty((n_positions, self.freq_factors.size), np.float32)
-        theta = positions.copy()
-        for i in range(self.freq_factors.size):
-            angles[:, i] = self.freq_scale * (theta / self.freq_factors[i])
-            theta *= self.theta_scale
-        self._cos, self._sin = np.cos(angles), np.sin(angles)
+        self._cos, self._sin = _rope_table(n_positions, self.theta_scale, self.freq_scale, self.freq_factors)
 
     def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """x: (n, heads, d) -> rotated copy; the channels past rope_dim pass through."""
@@ -183,15 +182,29 @@ class Rope:
         sin = self._sin[positions][:, None, :]
         out = x.copy()
         r = self.rope_dim
-        if self.neox:
-            x0, x1 = x[..., : r // 2], x[..., r // 2 : r]
-            out[..., : r // 2] = x0 * cos - x1 * sin
-            out[..., r // 2 : r] = x0 * sin + x1 * cos
-        else:
-            x0, x1 = x[..., 0:r:2], x[..., 1:r:2]
-            out[..., 0:r:2] = x0 * cos - x1 * sin
-            out[..., 1:r:2] = x0 * sin + x1 * cos
+        first, second = (slice(0, r // 2), slice(r // 2, r)) if self.neox else (slice(0, r, 2), slice(1, r, 2))
+        x0, x1 = x[..., first], x[..., second]
+        # ggml's rotate_pairs as GCC compiles it: the first product of each line is fused into the add (FMA), the
+        # second rounded on its own. In float64 the product of two floats is exact, so one rounding remains.
+        out[..., first] = (x0.astype(np.float64) * cos + (-(x1 * sin))).astype(np.float32)
+        out[..., second] = (x0.astype(np.float64) * sin + (x1 * cos)).astype(np.float32)
         return out
+
+
+@njit(cache=True)
+def _rope_table(n_positions, theta_scale, freq_scale, freq_factors):
+    """cos and sin (n_positions, pairs) as ggml_rope_cache_init: theta = p * theta_scale**i by repeated float
+    multiplication, cosf/sinf of libm (numba calls them for float32 arguments, as ggml does)."""
+    cos = np.empty((n_positions, freq_factors.size), np.float32)
+    sin = np.empty((n_positions, freq_factors.size), np.float32)
+    for p in range(n_positions):
+        theta = np.float32(p)
+        for i in range(freq_factors.size):
+            angle = freq_scale * (theta / freq_factors[i])
+            cos[p, i] = math.cos(angle)
+            sin[p, i] = math.sin(angle)
+            theta = theta * theta_scale
+    return cos, sin
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -226,6 +239,11 @@ class Attention:
         positions = np.arange(pos, pos + n)
         q, k = self.rope(q, positions), self.rope(k, positions)
 
+        if BIT_EXACT_ATTENTION and cache is not None and cache.type_k == cache.type_v == "f16" and d % 16 == 0:
+            cache.store(self.layer, pos, k.reshape(n, KV * d), v.reshape(n, KV * d))
+            L = pos + n
+            out = attend_f16(q, cache.keys(self.layer, L), cache.values(self.layer, L), self.scale, pos, KV)
+            return self.wo(out)
         qh = q.reshape(n, KV, G, d).transpose(1, 2, 0, 3)          # (KV, G, n, d)
         if cache is None:  # calibration / stateless use: attend within this batch only
             key_pos0, L = pos, n
