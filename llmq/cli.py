@@ -128,14 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M-Instruct, end to end")
     d.add_argument("--workdir", default="llmq-demo", help="where files go (default ./llmq-demo)")
-    d.add_argument("--types", default="Q8_0,Q4_K_M,Q4_0")
+    d.add_argument("--types", default="Q8_0,Q4_K_M,Q4_0,Q3_K_M")
     d.add_argument("--chunks", type=int, default=8, help="perplexity chunks of 512 tokens per file and engine")
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=_cmd_demo)
 
-    from . import verify
+    from . import benchmark, compare, verify
 
     verify.register(sub)
+    compare.register(sub)
+    benchmark.register(sub)
 
     try:
         from runtime import cli as runtime_cli
