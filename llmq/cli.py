@@ -18,7 +18,7 @@ def _cmd_convert(args) -> int:
     res = convert(args.src, args.output, args.type, force=args.force, allow_nonfinite=args.allow_nonfinite,
                   tensor_types=args.tensor_type, progress=not args.quiet, method=args.method, calib=args.calib,
                   calib_samples=args.calib_samples, calib_len=args.calib_len, smooth=args.smooth,
-                  act_order=args.act_order)
+                  act_order=args.act_order, max_memory=args.max_memory)
     types = ", ".join(f"{n} {t}" for t, n in sorted(res.types.items(), key=lambda kv: -kv[1]))
     print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.n_tensors} tensors: {types})")
     return 0
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.add_argument("--allow-nonfinite", action="store_true", help="convert even if weights hold NaN/Inf")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the conversion may use, e.g. 4G (default: what the machine has available)")
     c.add_argument("--method", default="rtn", choices=["rtn", "awq", "gptq", "awq+gptq"],
                    help="quantiser: rtn (default; importance-weighted when --calib is given), awq, gptq, awq+gptq "
                    "(these need --calib)")

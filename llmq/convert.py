@@ -21,8 +21,8 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from . import __version__, arch as archs, mixes
-from .atomic import atomic_output
+from . import __version__, arch as archs, memory, mixes
+from .atomic import atomic_output, check_interrupted
 from .checkpoint import Checkpoint, resolve_source
 from .errors import LlmqError
 
@@ -50,7 +50,7 @@ def _read_transformed(ckpt: Checkpoint, hf_name: str, transform) -> Callable[[],
 
 
 def plan_tensors(ckpt: Checkpoint, spec: archs.ArchSpec, hp: archs.HParams, ftype: str,
-                 overrides: Sequence[tuple[re.Pattern, QT]] = ()) -> list[TensorPlan]:
+                 overrides: Sequence[tuple[re.Pattern, QT]] = (), has_imatrix: bool = False) -> list[TensorPlan]:
     tmap = gguf.get_tensor_name_map(spec.gguf_arch, hp.n_layer)
     expected = archs.expected_shapes(spec, hp)
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -75,7 +75,7 @@ def plan_tensors(ckpt: Checkpoint, spec: archs.ArchSpec, hp: archs.HParams, ftyp
     plans = []
     for name in expected:  # token_embd, output_norm, [output], then layer by layer
         hf_name, shape = found[name]
-        qtype = mixes.tensor_type(ftype, name, shape, shape_info, overrides=overrides)
+        qtype = mixes.tensor_type(ftype, name, shape, shape_info, has_imatrix=has_imatrix, overrides=overrides)
         plans.append(TensorPlan(name, shape, qtype,
                                 _read_transformed(ckpt, hf_name, archs.tensor_transform(spec, hp, name))))
     factors = archs.llama3_rope_factors(hp)
@@ -118,22 +118,72 @@ class ConvertResult:
 
 
 def convert(src: str | Path, out: str | Path, ftype: str = "F16", *, force: bool = False,
-            allow_nonfinite: bool = False, tensor_types: Sequence[str] = (), progress: bool = False) -> ConvertResult:
-    """Convert the HF checkpoint `src` (directory or hub id) to a GGUF file `out` of file type `ftype`."""
+            allow_nonfinite: bool = False, tensor_types: Sequence[str] = (), progress: bool = False,
+            method: str = "rtn", calib: str | Path | None = None, calib_samples: int | None = None,
+            calib_len: int | None = None, smooth: float | None = None, imatrix_rtn: bool = True,
+            act_order: bool = False, max_memory: int | str | None = None) -> ConvertResult:
+    """Convert the HF checkpoint `src` (directory or hub id) to a GGUF file `out` of file type `ftype`.
+
+    method: 'rtn' (round to nearest with an error-minimising scale search), or a calibrated method 'awq', 'gptq',
+    'awq+gptq' (see llmq.calibrate), which need `calib`, a text file. With method 'rtn' and `calib`, the scale
+    search is weighted by the collected input importance (llama.cpp's imatrix) unless imatrix_rtn=False.
+    smooth: SmoothQuant migration strength folded in before the method (calibrated runs only).
+    max_memory: the memory the conversion may use (bytes or '4G'); default: what the machine has available."""
+    from . import calibrate
     from .vocab import write_tokenizer
 
     ftype = mixes.parse_file_type(ftype)
     out = Path(out)
     overrides = parse_tensor_types(tensor_types)
+    if method not in calibrate.METHODS:
+        raise LlmqError(f"unknown --method {method!r}; choose one of {', '.join(calibrate.METHODS)}")
+    if method != "rtn" and calib is None:
+        raise LlmqError(f"--method {method} needs calibration text: pass --calib FILE")
+    if smooth is not None and calib is None:
+        raise LlmqError("--smooth needs calibration text: pass --calib FILE")
+    if smooth is not None and not 0.0 <= smooth <= 1.0:
+        raise LlmqError(f"--smooth {smooth}: the migration strength must be in [0, 1]")
+    calibrated = calib is not None and (method != "rtn" or imatrix_rtn or smooth is not None)
+    settings = None
+    if calibrated:
+        settings = calibrate.CalibSettings(method, Path(calib), calib_samples or calibrate.DEFAULT_SAMPLES,
+                                           calib_len or calibrate.DEFAULT_LEN, smooth=smooth, act_order=act_order)
     model_dir = resolve_source(str(src))
     with Checkpoint(model_dir) as ckpt:
         spec = archs.get_arch(ckpt.config)
         hp = archs.read_hparams(ckpt.config)
-        plans = plan_tensors(ckpt, spec, hp, ftype, overrides)
+        plans = plan_tensors(ckpt, spec, hp, ftype, overrides, has_imatrix=calibrated)
         total = sum(p.nbytes for p in plans)
+        need = memory.estimate_convert_peak(ckpt.entries, plans)
+        if calibrated:  # hidden states (+ two working copies) and the encoded tensors held until written
+            need += 3 * 4 * settings.samples * settings.length * hp.n_embd + total
+        memory.check_memory(need, f"converting {model_dir.name} to {ftype}", max_memory)
+        if progress:
+            print(f"expected peak memory ~{need / memory.MiB:,.0f} MiB", flush=True)
+
+        encoded: dict[str, np.ndarray] = {}
+        if calibrated:
+            tokens = calibrate.calibration_tokens(model_dir, settings.text, settings.samples, settings.length,
+                                                  settings.seed)
+            encoded = calibrate.quantize_calibrated(
+                plans, spec, hp, tokens, settings, progress=progress,
+                encode=lambda w, t, n: encode_tensor(w, t, n, allow_nonfinite))
 
         writer = gguf.GGUFWriter(path=None, arch=spec.arch_name)
         general_metadata(writer, ckpt.config, model_dir, ftype)
+        writer.add_string("llmq.method", method)
+        if settings is not None:
+            for key, value in settings.metadata().items():
+                if key == "llmq.method":
+                    continue
+                if isinstance(value, bool):
+                    writer.add_bool(key, value)
+                elif isinstance(value, int):
+                    writer.add_uint32(key, value)
+                elif isinstance(value, float):
+                    writer.add_float32(key, value)
+                else:
+                    writer.add_string(key, value)
         archs.write_hparams(writer, spec, hp)
         write_tokenizer(writer, model_dir, ckpt.config, hp.n_vocab)
         for p in plans:
@@ -149,7 +199,10 @@ def convert(src: str | Path, out: str | Path, ftype: str = "F16", *, force: bool
                 from tqdm import tqdm
                 it = tqdm(plans, desc=f"convert {ftype}", unit="tensor", leave=False, disable=not sys.stderr.isatty())
             for p in it:
-                data = encode_tensor(p.read(), p.qtype, p.name, allow_nonfinite)
+                check_interrupted()
+                data = encoded.pop(p.name, None)
+                if data is None:
+                    data = encode_tensor(p.read(), p.qtype, p.name, allow_nonfinite)
                 if data.nbytes != p.nbytes:
                     raise AssertionError(f"{p.name}: encoded {data.nbytes} bytes, planned {p.nbytes}")
                 writer.write_tensor_data(data)

@@ -243,3 +243,11 @@ def test_inspect_lists_tensors(checkpoints, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "blk.0.attn_q.weight" in proc.stdout and "Q4_0" in proc.stdout and "bits/weight" in proc.stdout
     assert "tokenizer.ggml.pre" in proc.stdout
+
+
+def test_conversion_states_and_checks_its_memory(checkpoints, tmp_path):
+    out = tmp_path / "o.gguf"
+    assert_clean_failure(run_cli("convert", checkpoints("llama"), "-o", out, "--max-memory", "10K"), out,
+                         "--max-memory allows")
+    ok = run_cli("convert", checkpoints("llama"), "-o", out)
+    assert ok.returncode == 0 and "expected peak memory" in ok.stdout, ok.stderr
