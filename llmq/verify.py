@@ -249,19 +249,9 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m llmq.verify FILE`: the subcommand on its own, with the CLI's error conventions."""
-    import argparse
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="llmq")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["verify", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except LlmqError as e:
-        print(f"llmq: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("llmq: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["verify", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
