@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from .errors import LlmqError
 from .gguf_check import GGUFLayout, TensorInfo, check_gguf, read_metadata
 
 CHUNK_VALUES = 1 << 20  # decoded float32 values per step: 4 MiB, plus the dequantizer's temporaries
