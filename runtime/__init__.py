@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from llmq.errors import LlmqError
 
-from .gguf_file import open_gguf, read_metadata, tensors
+from .gguf_file import open_gguf, open_layout, read_metadata, tensors
 from .kvcache import CACHE_TYPES, KVCache
 from .models import model_module
 
@@ -26,7 +26,7 @@ def load_gguf(path, *, n_ctx: int | None = None, cache_type_k: str = "f16", cach
         from . import kernels
 
         kernels.set_num_threads(threads)
-    reader = open_gguf(path)
+    reader = open_layout(path)
     meta = read_metadata(reader)
     module = model_module(meta.get("general.architecture", "?"))
     weights = tensors(reader)
@@ -36,7 +36,7 @@ def load_gguf(path, *, n_ctx: int | None = None, cache_type_k: str = "f16", cach
     model = module.Model(args, weights)
     model.metadata = meta
     model.path = str(path)
-    model.reader = reader  # keeps the mapping alive as long as the model
+    model.reader = reader  # the checked header (tensor infos); the weights keep the mapping alive
     if n_ctx is not None:
         if n_ctx < 1:
             raise LlmqError(f"n_ctx must be positive, got {n_ctx}")
@@ -45,4 +45,5 @@ def load_gguf(path, *, n_ctx: int | None = None, cache_type_k: str = "f16", cach
     return model
 
 
-__all__ = ["load_gguf", "KVCache", "CACHE_TYPES", "read_metadata", "open_gguf", "tensors", "LlmqError"]
+__all__ = ["load_gguf", "KVCache", "CACHE_TYPES", "read_metadata", "open_gguf", "open_layout", "tensors",
+           "LlmqError"]

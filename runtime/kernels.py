@@ -26,8 +26,12 @@ and the activation formats (kept as separate arrays here, not packed):
 Decode (`matvec`) is a fused numba kernel per type: rows in parallel, each row a float32 sum over blocks of
 (weight scale * activation scale) * integer block dot, as ggml's `ggml_vec_dot_*` (ggml-cpu/quants.c; the generic
 order, or for the 32-element 4/5-bit types 8 float lanes like the AVX2 code).
-Prefill (`matmul`) quantises the activations the same way, turns them back into exact floats (d*q), dequantises
-tiles of weight rows and lets BLAS do the products: mathematically the same sums, only the float rounding order differs.
+Prefill (`matmul`) follows llama.cpp's batched products bit for bit where it has a kernel for them (Q4_0, Q4_1, Q5_0,
+Q8_0: see "Prefill kernels" below); the other types quantise the activations the same way, turn them back into exact
+floats (d*q), dequantise tiles of weight rows and let BLAS do the products: mathematically the same sums, only the
+float rounding order differs. On SmolLM2 any difference in rounding order, even of one ulp in one product, grows
+through the layers (each matmul re-quantises its input) into ~3e-3 KLD and ~96% top-1 agreement, as large as
+llama.cpp's own flash-attention on/off or batched/token-by-token differences: parity needs the same order.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from llmq.errors import LlmqError
 
@@ -284,11 +290,22 @@ def _dot_q4_0(w, r, xq, xd, f16, lanes):
     return _sum_lanes(lanes)
 
 
-@_jit
+@intrinsic
+def _fma_f32(typingctx, a, b, c):
+    """llvm.fma.f32: a*b + c rounded once (vfmadd), as ggml's _mm256/_mm512_fmadd_ps; LLVM vectorises it."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+    return sig, codegen
+
+
+@_jit_inline
 def _fma(a, b, c):
-    """float32 a*b + c rounded once, as _mm256_fmadd_ps (the product of two floats is exact in float64; the sum is
-    rounded to double and then to float, which differs from one rounding only on ties of ~2^-29 probability)."""
-    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+    """float32 a*b + c rounded once."""
+    return _fma_f32(np.float32(a), np.float32(b), np.float32(c))
 
 
 @_jit
@@ -565,46 +582,160 @@ def _matvec_q4_1(w, x, f16):
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Prefill kernels (x: a batch of rows): llama.cpp's batched products on x86, in their float order.
+#
+# With more than one activation row ggml does not call the per-row dot of the decode path:
+#   - a Q4_0 matrix whose row count is a multiple of 8 is repacked at load time and multiplied by
+#     ggml_gemm_q4_0_8x8_q8_0 (arch/x86/repack.cpp): one float accumulator per output,
+#     acc = fma(float(integer block dot), d_w * d_x, acc), block after block;
+#   - Q8_0 and Q5_0 (and Q4_0 otherwise) go to llamafile's tinyBLAS_Q0_AVX (llamafile/sgemm.cpp): 8 float lanes per
+#     output, lane l = fma(d_w * d_x, float(integer sum of elements 4l..4l+3), lane), then hsum;
+#   - Q4_1 has no batched kernel: ggml_vec_dot_q4_1_q8_1 per output, the same 8 lanes plus a scalar fma sum of
+#     m_w * s_x added after the hsum.
+# The activations are quantised row by row as in the decode path (quantize_mat_q8_0 of the repacked product rounds
+# exactly like quantize_row_q8_0). The K-quants are not mirrored: their batched product is ggml-cpu/tiled (a tiled
+# K-quant matmul with its own order), so they keep the dequantise + BLAS path below.
+#
+# The integer block sums are computed in float32: every partial sum of at most 32 int8 x int8 products is an integer
+# below 2^24, so float arithmetic gives it exactly in any order, and the loops vectorise over a tile of weight rows
+# with FMAs instead of widening integer multiplies. A tile of weight rows is unpacked once into float32 integers laid
+# out (block, element, row) and swept across all activation rows.
+
+_GEMM_ROWS = 64
+_KIND_Q4_0, _KIND_Q4_1, _KIND_Q5_0, _KIND_Q8_0 = 0, 1, 2, 3
+
+
+@_jit_inline
+def _hsum8_col(lanes, i):
+    """_hsum_float_8 of lanes[:, i]."""
+    return ((lanes[4, i] + lanes[0, i]) + (lanes[6, i] + lanes[2, i])) + ((lanes[5, i] + lanes[1, i])
+                                                                       + (lanes[7, i] + lanes[3, i]))
+
+
+@_jit
+def _unpack_row_q32(w, r, kind, f16, wq, wd, wm, i):
+    """Weight row r of a 32-element block type into column i of wq (blocks, 32, rows) as float integers, its scales
+    into wd[:, i] and (Q4_1) its mins into wm[:, i]."""
+    for b in range(w.shape[1]):
+        wd[b, i] = _f16_at(w, r, b, 0, f16)
+        if kind == _KIND_Q8_0:
+            for e in range(QK):
+                wq[b, e, i] = _int8_at(w, r, b, 2 + e)
+        elif kind == _KIND_Q4_1:
+            wm[b, i] = _f16_at(w, r, b, 2, f16)
+            for e in range(16):
+                q = np.int32(w[r, b, 4 + e])
+                wq[b, e, i] = q & 15
+                wq[b, e + 16, i] = q >> 4
+        elif kind == _KIND_Q5_0:
+            qh = _u32_at(w, r, b, 2)
+            for e in range(16):
+                q = np.int32(w[r, b, 6 + e])
+                wq[b, e, i] = ((q & 15) | (((qh >> e) & 1) << 4)) - 16
+                wq[b, e + 16, i] = ((q >> 4) | (((qh >> (e + 16)) & 1) << 4)) - 16
+        else:
+            for e in range(16):
+                q = np.int32(w[r, b, 2 + e])
+                wq[b, e, i] = (q & 15) - 8
+                wq[b, e + 16, i] = (q >> 4) - 8
+
+
 @_kernel(parallel=True)
-def _matmul_q4_1(w, x, f16):
-    """Prefill with the decode dot for every (token, row): llama.cpp has no batched Q4_1 kernel on x86 either, so
-    this keeps prefill bit-identical to it. Each weight row is unpacked once (nibbles in ggml's element order) and
-    then dotted with every token."""
-    n, nb = x.shape[0], w.shape[1]
-    xq = np.empty((n, nb, QK), np.int8)
+def _gemm_q32(w, x, f16, kind, sequential):
+    """x (n, cols) @ W.T for a 32-element block type `kind`; sequential=True: the repacked (one accumulator) order,
+    else the 8-lane order."""
+    n, nb, rows = x.shape[0], w.shape[1], w.shape[0]
+    with_min = kind == _KIND_Q4_1
+    xq = np.empty((n, nb, QK), np.float32)
     xd = np.empty((n, nb), np.float32)
-    xs = np.empty((n, nb), np.float32)
+    xs = np.zeros((n, nb), np.float32)
     for t in prange(n):
-        _quantize_q8_1_cpu(x[t], xq[t], xd[t], xs[t])
-    out = np.empty((n, w.shape[0]), np.float32)
-    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        wq = np.empty((nb, QK), np.int8)
-        wd = np.empty(nb, np.float32)
-        wm = np.empty(nb, np.float32)
-        lanes = np.empty(8, np.float32)
-        sums = np.empty(8, np.int32)
-        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
-            for b in range(nb):
-                wd[b] = _f16_at(w, r, b, 0, f16)
-                wm[b] = _f16_at(w, r, b, 2, f16)
-                for j in range(16):
-                    wq[b, j] = w[r, b, 4 + j] & 15
-                    wq[b, 16 + j] = w[r, b, 4 + j] >> 4
-            for t in range(n):
-                for lane in range(8):
-                    lanes[lane] = 0
-                mins = np.float32(0.0)
-                for b in range(nb):
-                    scale = wd[b] * xd[t, b]
-                    mins = _fma(wm[b], xs[t, b], mins)
-                    for l in range(8):
-                        sums[l] = (np.int32(wq[b, 4 * l]) * xq[t, b, 4 * l] + np.int32(wq[b, 4 * l + 1]) * xq[t, b, 4 * l + 1]
-                                   + np.int32(wq[b, 4 * l + 2]) * xq[t, b, 4 * l + 2]
-                                   + np.int32(wq[b, 4 * l + 3]) * xq[t, b, 4 * l + 3])
-                    for l in range(8):
-                        lanes[l] = _fma(scale, np.float32(sums[l]), lanes[l])
-                out[t, r] = _hsum_float_8(lanes) + mins
+        qs = np.empty((nb, QK), np.int8)
+        if with_min:
+            _quantize_q8_1_cpu(x[t], qs, xd[t], xs[t])
+        else:
+            _quantize_q8_0_cpu(x[t], qs, xd[t])
+        for b in range(nb):
+            for e in range(QK):
+                xq[t, b, e] = qs[b, e]
+    out = np.empty((n, rows), np.float32)
+    n_tasks = (rows + _GEMM_ROWS - 1) // _GEMM_ROWS
+    for task in prange(n_tasks):
+        r0 = task * _GEMM_ROWS
+        m = min(_GEMM_ROWS, rows - r0)
+        wq = np.zeros((nb, QK, m), np.float32)  # the row count comes from a shape, not a constant: LLVM then
+        wd = np.zeros((nb, m), np.float32)       # vectorises the row loops instead of unrolling them
+        wm = np.zeros((nb, m), np.float32)
+        for i in range(m):
+            _unpack_row_q32(w, r0 + i, kind, f16, wq, wd, wm, i)
+        _gemm_q32_tile(xq, xd, xs, wq, wd, wm, sequential, with_min, out[:, r0:r0 + m])
     return out
+
+
+@_jit
+def _gemm_q32_tile(xq, xd, xs, wq, wd, wm, sequential, with_min, out):
+    """One tile of weight rows (the innermost loops, vectorised) against every activation row. Four products are
+    summed per loop pass, so the running sums make few trips through memory."""
+    n, nb, m = xq.shape[0], xq.shape[1], wq.shape[2]
+    lanes = np.empty((8, m), np.float32)
+    isum = np.empty(m, np.float32)
+    scale = np.empty(m, np.float32)
+    mins = np.empty(m, np.float32)
+    for t in range(n):
+        lanes[:] = 0
+        mins[:] = 0
+        for b in range(nb):
+            xdb, wdb, x = xd[t, b], wd[b], xq[t, b]
+            for i in range(m):
+                scale[i] = wdb[i] * xdb
+            if sequential:
+                isum[:] = 0
+                for e in range(0, QK, 4):
+                    w0, w1, w2, w3 = wq[b, e], wq[b, e + 1], wq[b, e + 2], wq[b, e + 3]
+                    for i in range(m):
+                        isum[i] += (x[e] * w0[i] + x[e + 1] * w1[i]) + (x[e + 2] * w2[i] + x[e + 3] * w3[i])
+                acc = lanes[0]
+                for i in range(m):
+                    acc[i] = _fma(isum[i], scale[i], acc[i])
+            else:
+                for l in range(8):
+                    e = 4 * l
+                    w0, w1, w2, w3 = wq[b, e], wq[b, e + 1], wq[b, e + 2], wq[b, e + 3]
+                    lane = lanes[l]
+                    for i in range(m):
+                        dot4 = (x[e] * w0[i] + x[e + 1] * w1[i]) + (x[e + 2] * w2[i] + x[e + 3] * w3[i])
+                        lane[i] = _fma(scale[i], dot4, lane[i])
+                if with_min:
+                    wmb, xsb = wm[b], xs[t, b]
+                    for i in range(m):
+                        mins[i] = _fma(wmb[i], xsb, mins[i])
+        o = out[t]
+        if sequential:
+            for i in range(m):
+                o[i] = lanes[0, i]
+        elif with_min:
+            for i in range(m):
+                o[i] = _hsum8_col(lanes, i) + mins[i]
+        else:
+            for i in range(m):
+                o[i] = _hsum8_col(lanes, i)
+
+
+def _matmul_q4_0(w, x, f16):
+    return _gemm_q32(w, x, f16, _KIND_Q4_0, w.shape[0] % 8 == 0)  # ggml repacks only row counts divisible by 8
+
+
+def _matmul_q4_1_lanes(w, x, f16):
+    return _gemm_q32(w, x, f16, _KIND_Q4_1, False)
+
+
+def _matmul_q5_0(w, x, f16):
+    return _gemm_q32(w, x, f16, _KIND_Q5_0, False)
+
+
+def _matmul_q8_0(w, x, f16):
+    return _gemm_q32(w, x, f16, _KIND_Q8_0, False)
 
 
 @_kernel(parallel=True)
@@ -947,11 +1078,11 @@ _TYPES: dict[QT, _TypeKernels] = {
     QT.F32: _TypeKernels(QT.F32, None, None, None, _roundtrip_f32),
     QT.F16: _TypeKernels(QT.F16, None, None, None, _roundtrip_f16),
     QT.BF16: _TypeKernels(QT.BF16, None, None, None, _round_bf16),
-    QT.Q4_0: _TypeKernels(QT.Q8_0, _matvec_q4_0, None, _dequant_q4_0, _roundtrip_q8_0),
-    QT.Q4_1: _TypeKernels(QT.Q8_1, _matvec_q4_1, _matmul_q4_1, _dequant_q4_1, _roundtrip_q8_1, min_offset=2),
-    QT.Q5_0: _TypeKernels(QT.Q8_0, _matvec_q5_0, None, _dequant_q5_0, _roundtrip_q8_0),
+    QT.Q4_0: _TypeKernels(QT.Q8_0, _matvec_q4_0, _matmul_q4_0, _dequant_q4_0, _roundtrip_q8_0),
+    QT.Q4_1: _TypeKernels(QT.Q8_1, _matvec_q4_1, _matmul_q4_1_lanes, _dequant_q4_1, _roundtrip_q8_1, min_offset=2),
+    QT.Q5_0: _TypeKernels(QT.Q8_0, _matvec_q5_0, _matmul_q5_0, _dequant_q5_0, _roundtrip_q8_0),
     QT.Q5_1: _TypeKernels(QT.Q8_1, _matvec_q5_1, None, _dequant_q5_1, _roundtrip_q8_1, min_offset=2),
-    QT.Q8_0: _TypeKernels(QT.Q8_0, _matvec_q8_0, None, _dequant_q8_0, _roundtrip_q8_0),
+    QT.Q8_0: _TypeKernels(QT.Q8_0, _matvec_q8_0, _matmul_q8_0, _dequant_q8_0, _roundtrip_q8_0),
     QT.Q2_K: _TypeKernels(QT.Q8_K, _matvec_q2_k, None, _dequant_q2_k, _roundtrip_q8_k),
     QT.Q3_K: _TypeKernels(QT.Q8_K, _matvec_q3_k, None, _dequant_q3_k, _roundtrip_q8_k),
     QT.Q4_K: _TypeKernels(QT.Q8_K, _matvec_q4_k, None, _dequant_q4_k, _roundtrip_q8_k),
@@ -960,6 +1091,11 @@ _TYPES: dict[QT, _TypeKernels] = {
 }
 
 SUPPORTED_TYPES = frozenset(_TYPES)
+# NVFP4/MXFP4 (kernels_fp4.py, tested in tests/test_fp4.py); not yet in SUPPORTED_TYPES, which tests/test_kernels.py
+# parametrizes over and whose random-block generator does not know their scale fields yet.
+from .kernels_fp4 import FP4_KERNELS  # noqa: E402  (built from the helpers above)
+
+_TYPES.update(FP4_KERNELS)
 _DENSE_DTYPES = {QT.F32: np.float32, QT.F16: np.uint16, QT.BF16: np.uint16}
 
 
@@ -1044,10 +1180,6 @@ def matvec(w: QTensor, x: np.ndarray) -> np.ndarray:
     return _dense_matmul(w, kernels.roundtrip(x[None, :]))[0]
 
 
-# Prefill through the decode dot (bit-identical to llama.cpp where a type has such a kernel) instead of dequantise +
-# BLAS: 3-10x slower, and on SmolLM2 it did not move the parity numbers measurably (KL 3.03e-3 -> 3.03e-3), so off
-# unless LLMQ_BIT_EXACT=1 (for investigating where native and llama.cpp diverge).
-BIT_EXACT_PREFILL = os.environ.get("LLMQ_BIT_EXACT") == "1"
 _SMALL_BATCH = 4  # below this many rows, per-row fused matvecs beat dequantising the whole matrix
 _TILE_BYTES = 8 << 20  # float32 weight rows dequantised per BLAS call: few switches between numba and BLAS threads
 
@@ -1061,7 +1193,7 @@ def matmul(w: QTensor, x: np.ndarray) -> np.ndarray:
     if kernels.matvec is not None and x.shape[0] < _SMALL_BATCH:
         return np.stack([kernels.matvec(w._view, row, F16_TO_F32) for row in x]) if len(x) else \
             np.empty((0, w.shape[0]), np.float32)
-    if kernels.matmul is not None and BIT_EXACT_PREFILL:
+    if kernels.matmul is not None:
         return kernels.matmul(w._view, x, F16_TO_F32)
     if kernels.dequant is None:
         return _dense_matmul(w, kernels.roundtrip(x))

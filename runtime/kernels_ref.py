@@ -111,3 +111,63 @@ def matmul_ref(data: np.ndarray, qtype: QT, shape: tuple[int, int], x: np.ndarra
 
 def matvec_ref(data: np.ndarray, qtype: QT, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
     return matmul_ref(data, qtype, shape, np.asarray(x)[None, :])[0]
+
+
+# ---- the float order of llama.cpp's batched products (kernels._gemm_q32) --------------------------------------------
+
+def _fma32(a, b, c) -> np.ndarray:
+    """float32 a*b + c with one rounding, emulated in float64 (the product of two floats is exact there; the sum
+    rounds twice, which differs from one rounding only on ~2^-29 of ties)."""
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
+
+
+def int_blocks(data: np.ndarray, qtype: QT, rows: int, cols: int):
+    """Q4_0/Q4_1/Q5_0/Q8_0 rows as integers q (rows, blocks, 32), scales d and (Q4_1) mins m, float32 (rows, blocks)."""
+    b = np.ascontiguousarray(data).view(np.uint8).reshape(rows, cols // QK, -1)
+    half = lambda lo: b[..., lo:lo + 2].copy().view(np.float16)[..., 0].astype(np.float32)  # noqa: E731
+    if qtype == QT.Q8_0:
+        return b[..., 2:].view(np.int8).astype(np.int64), half(0), None
+    if qtype == QT.Q5_0:
+        qh = b[..., 2:6].copy().view(np.uint32).astype(np.int64)
+        nib = b[..., 6:22].astype(np.int64)
+        bit = lambda k: (qh >> k) & 1  # noqa: E731
+        lo = (nib & 15) | (bit(np.arange(16)) << 4)
+        hi = (nib >> 4) | (bit(np.arange(16, 32)) << 4)
+        return np.concatenate([lo, hi], -1) - 16, half(0), None
+    first = 4 if qtype == QT.Q4_1 else 2
+    nib = b[..., first:first + 16].astype(np.int64)
+    q = np.concatenate([nib & 15, nib >> 4], -1)
+    if qtype == QT.Q4_1:
+        return q, half(0), half(2)
+    return q - 8, half(0), None
+
+
+def matmul_order_ref(data: np.ndarray, qtype: QT, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
+    """x (n, cols) @ W.T rounded step by step as llama.cpp's x86 CPU backend does it for a batch: the repacked Q4_0
+    product (rows divisible by 8: one fma chain over blocks of float(integer block dot) * (d_w*d_x)) or tinyBLAS /
+    ggml_vec_dot_q4_1_q8_1 (8 lanes of 4-element integer dots, fma chains, hsum; Q4_1 adds its fma chain of m*s)."""
+    rows, cols = shape
+    q, d, m = int_blocks(data, qtype, rows, cols)
+    if qtype == QT.Q4_1:
+        xq, xd, xs = quantize_q8_1_cpu(x)
+    else:
+        (xq, xd), xs = quantize_q8_0_cpu(x), None
+    xq = xq.astype(np.int64)
+    scale = (d[None] * xd[:, None]).astype(np.float32)  # (n, rows, blocks)
+    if qtype == QT.Q4_0 and rows % 8 == 0:
+        isum = np.einsum("tbe,rbe->trb", xq, q).astype(np.float32)
+        acc = np.zeros((len(x), rows), np.float32)
+        for b in range(q.shape[1]):
+            acc = _fma32(isum[..., b], scale[..., b], acc)
+        return acc
+    nb = q.shape[1]
+    isum = np.einsum("tble,rble->trbl", xq.reshape(len(x), nb, 8, 4), q.reshape(rows, nb, 8, 4)).astype(np.float32)
+    lanes = np.zeros((len(x), rows, 8), np.float32)
+    mins = np.zeros((len(x), rows), np.float32)
+    for b in range(nb):
+        lanes = _fma32(scale[..., b, None], isum[:, :, b], lanes)
+        if m is not None:
+            mins = _fma32(m[None, :, b], xs[:, None, b], mins)
+    r = [lanes[..., 4 + i] + lanes[..., i] for i in range(4)]
+    out = (r[0] + r[2]) + (r[1] + r[3])
+    return out + mins if m is not None else out

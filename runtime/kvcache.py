@@ -19,7 +19,7 @@ from numba import njit, prange
 
 from llmq.errors import LlmqError
 
-from .kernels import _round_f16
+from .kernels import _fma, _round_f16
 
 CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0")
 QK = 32  # values per q8_0 / q4_0 block
@@ -127,16 +127,23 @@ class KVCache:
 
 # ------------------------------------------------------------------------------------------- attention products
 
+# One GEMM per KV head over all the query heads that share it: numpy only hands a stacked product to BLAS when
+# each operand matrix is contiguous, so the strided views of the cache are copied first (4x faster in prefill and
+# calibration than broadcasting over the strided views).
 def scores_dense(qh: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """qh (KV, G, n, d), keys (L, KV * d) -> (KV, G, n, L)."""
-    KV, d = qh.shape[0], qh.shape[3]
-    return qh @ keys.reshape(-1, KV, d).transpose(1, 2, 0)[:, None]
+    KV, G, n, d = qh.shape
+    q = np.ascontiguousarray(qh).reshape(KV, G * n, d)
+    k = np.ascontiguousarray(keys.reshape(-1, KV, d).transpose(1, 0, 2))  # (KV, L, d)
+    return (q @ k.transpose(0, 2, 1)).reshape(KV, G, n, -1)
 
 
 def mix_dense(probs: np.ndarray, values: np.ndarray) -> np.ndarray:
     """probs (KV, G, n, L), values (L, KV * d) -> (KV, G, n, d)."""
-    KV = probs.shape[0]
-    return probs @ values.reshape(probs.shape[3], KV, -1).transpose(1, 0, 2)[:, None]
+    KV, G, n, L = probs.shape
+    p = np.ascontiguousarray(probs).reshape(KV, G * n, L)
+    v = np.ascontiguousarray(values.reshape(L, KV, -1).transpose(1, 0, 2))  # (KV, L, d)
+    return (p @ v).reshape(KV, G, n, -1)
 
 
 # Decoding reads the whole cache for every token: numpy's f16 -> f32 cast (a scalar loop, ~3 ns a value) would
@@ -169,12 +176,6 @@ _LANES = 16
 
 
 @njit(cache=True, inline="always")
-def _fma(a, b, c):
-    """float32 a*b + c with one rounding (the float64 product of two floats is exact)."""
-    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
-
-
-@njit(cache=True, inline="always")
 def _reduce_add_16(lanes):
     """GCC's _mm512_reduce_add_ps: halves added (hi + lo) down to 4 lanes, then (0+2), (1+3), then their sum."""
     t0 = (lanes[8] + lanes[0]) + (lanes[12] + lanes[4])  # 256-bit halves, then 128-bit halves
@@ -184,67 +185,108 @@ def _reduce_add_16(lanes):
     return (t0 + t2) + (t1 + t3)
 
 
+# ggml_v_expf's constants (hex float literals in vec.h)
+_EXPF_8P23 = np.float32(float.fromhex("0x1.8p23"))
+_EXPF_715476PP0 = np.float32(float.fromhex("0x1.715476p+0"))
+_EXPF_7F7D1CPM20 = np.float32(float.fromhex("0x1.7f7d1cp-20"))
+_EXPF_62E4PM1 = np.float32(float.fromhex("0x1.62e4p-1"))
+_EXPF_0E4020PM7 = np.float32(float.fromhex("0x1.0e4020p-7"))
+_EXPF_573E2EPM5 = np.float32(float.fromhex("0x1.573e2ep-5"))
+_EXPF_555E66PM3 = np.float32(float.fromhex("0x1.555e66p-3"))
+_EXPF_FFFDB6PM2 = np.float32(float.fromhex("0x1.fffdb6p-2"))
+_EXPF_FFFFECPM1 = np.float32(float.fromhex("0x1.ffffecp-1"))
+
+
 @njit(cache=True)
 def ggml_expf(x):
-    """ggml_v_expf (AVX512 variant), one float32 at a time."""
-    r = np.float32(12582912.0)  # 0x1.8p23
-    z = _fma(x, np.float32(1.44269502162933349609375), r)  # 0x1.715476p+0
+    """ggml_v_expf (AVX512 variant, ggml-cpu/vec.h), one float32 at a time."""
+    r = _EXPF_8P23
+    z = _fma(x, _EXPF_715476PP0, r)
     n = z - r
-    b = _fma(-n, np.float32(1.42860677e-06), _fma(-n, np.float32(0.693145751953125), x))  # 0x1.7f7d1cp-20, 0x1.62e4p-1
+    b = _fma(-n, _EXPF_7F7D1CPM20, _fma(-n, _EXPF_62E4PM1, x))
     u = b * b
-    j = _fma(_fma(_fma(np.float32(0.00824951939284801483154296875), b, np.float32(0.0418978221714496612548828125)), u,
-                  _fma(np.float32(0.16666583716869354248046875), b, np.float32(0.4999992549419403076171875))), u,
-             _fma(np.float32(0.999999940395355224609375), b, np.float32(1.0)))
+    j = _fma(_fma(_fma(_EXPF_0E4020PM7, b, _EXPF_573E2EPM5), u,
+                  _fma(_EXPF_555E66PM3, b, _EXPF_FFFDB6PM2)), u,
+             _fma(_EXPF_FFFFECPM1, b, np.float32(1.0)))
     if abs(n) > 192:
         return np.float32(0.0) if n <= 0 else np.float32(np.inf)
     return np.float32(math.ldexp(np.float64(j), int(n)))
 
 
 @njit(cache=True, parallel=True)
-def _attend_f16_kernel(q, keys, values, scale, pos0, kv_heads, out):
-    """q (n, H, d) already rounded to f16 values, keys/values (L, KV*d) f16 values as float32 -> out (n, H*d)."""
+def _swiglu_kernel(gate, up, out):
+    for r in prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            x = gate[r, i]
+            out[r, i] = (x / (np.float32(1.0) + ggml_expf(-x))) * up[r, i]
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up as ggml_vec_swiglu_f32 (AVX512): x / (1 + ggml_v_expf(-x)), then times up, all in float32.
+    The rows' length must be a multiple of 16 (ggml's scalar tail uses libm's expf)."""
+    gate = np.ascontiguousarray(gate, np.float32)
+    out = np.empty_like(gate)
+    _swiglu_kernel(gate.reshape(-1, gate.shape[-1]), np.ascontiguousarray(up, np.float32).reshape(-1, gate.shape[-1]),
+                   out.reshape(-1, gate.shape[-1]))
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _attend_f16_kernel(q, keys_t, values, scale, pos0, kv_heads, out):
+    """q (n, H, d) already rounded to f16 values, keys_t (KV, d, L) and values (L, KV*d) f16 values as float32 ->
+    out (n, H*d). The products of two halves are exact in float32, so summing them lane by lane in ggml's order
+    gives its result whatever loop order computes it: the scores are computed for all keys at once (lane i of key j
+    in lanes[i, j]), which vectorises over the keys."""
     n, H, d = q.shape
     G = H // kv_heads
-    L = keys.shape[0]
+    L = keys_t.shape[2]
     for task in prange(n * H):
         t, h = task // H, task % H
         kvh = h // G
         visible = min(L, pos0 + t + 1)
-        lanes = np.zeros(_LANES, np.float32)
+        lanes = np.empty((_LANES, visible), np.float32)
+        for i in range(_LANES):
+            lane = lanes[i]
+            qv = q[t, h, i]
+            k_row = keys_t[kvh, i]
+            for j in range(visible):
+                lane[j] = qv * k_row[j]
+            for e in range(i + _LANES, d, _LANES):
+                qv = q[t, h, e]
+                k_row = keys_t[kvh, e]
+                for j in range(visible):
+                    lane[j] += qv * k_row[j]
         scores = np.empty(visible, np.float32)
         for j in range(visible):
-            for i in range(_LANES):
-                lanes[i] = 0
-            for e0 in range(0, d, _LANES):
-                for i in range(_LANES):
-                    lanes[i] += q[t, h, e0 + i] * keys[j, kvh * d + e0 + i]
-            scores[j] = _reduce_add_16(lanes) * scale
+            scores[j] = (((lanes[8, j] + lanes[0, j]) + (lanes[12, j] + lanes[4, j]))
+                         + ((lanes[10, j] + lanes[2, j]) + (lanes[14, j] + lanes[6, j]))
+                         + (((lanes[9, j] + lanes[1, j]) + (lanes[13, j] + lanes[5, j]))
+                            + ((lanes[11, j] + lanes[3, j]) + (lanes[15, j] + lanes[7, j])))) * scale
         top = -np.inf
         for j in range(visible):
             top = max(top, scores[j])
         # ggml_vec_soft_max_f32: 16-value chunks of the (padded) row, each reduced in float, summed in double;
         # masked positions are exp(-inf) = 0 and do not change any sum.
+        chunk = np.zeros(_LANES, np.float32)
         total = 0.0
         for c0 in range(0, visible, _LANES):
-            for i in range(_LANES):
-                lanes[i] = 0
+            chunk[:] = 0
             for i in range(min(_LANES, visible - c0)):
                 p = ggml_expf(scores[c0 + i] - top)
                 scores[c0 + i] = p
-                lanes[i] = p
-            total += np.float64(_reduce_add_16(lanes))
+                chunk[i] = p
+            total += np.float64(_reduce_add_16(chunk))
         inv = np.float32(1.0 / total)
         for j in range(visible):
             scores[j] = _round_f16(scores[j] * inv)  # probabilities converted to f16 for the product with V
         mix = np.zeros((_LANES, d), np.float32)  # mix[i, e]: lane i of output e; rows of V read contiguously
         for j in range(visible):
             p = scores[j]
+            row = mix[j % _LANES]
             for e in range(d):
-                mix[j % _LANES, e] += p * values[j, kvh * d + e]
+                row[e] += p * values[j, kvh * d + e]
         for e in range(d):
-            for i in range(_LANES):
-                lanes[i] = mix[i, e]
-            out[t, h * d + e] = _reduce_add_16(lanes)
+            out[t, h * d + e] = _reduce_add_16(mix[:, e])
 
 
 _attend_f16_serial = njit(cache=True)(_attend_f16_kernel.py_func)
@@ -258,6 +300,6 @@ def attend_f16(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float
     out = np.empty((n, H * d), np.float32)
     q16 = np.ascontiguousarray(q, np.float32).astype(np.float16).astype(np.float32)
     kernel = _attend_f16_kernel if n > 1 else _attend_f16_serial  # decode: not worth waking the thread pool
-    kernel(q16, np.ascontiguousarray(keys), np.ascontiguousarray(values), np.float32(scale), pos0,
-                       kv_heads, out)
+    keys_t = np.ascontiguousarray(np.asarray(keys, np.float32).reshape(-1, kv_heads, d).transpose(1, 2, 0))
+    kernel(q16, keys_t, np.ascontiguousarray(values), np.float32(scale), pos0, kv_heads, out)
     return out

@@ -296,6 +296,53 @@ def test_against_llama_cpp_cpu_backend(qtype, ggml_cpu, rng):
     assert_close_to_ref(K.matmul(w, np.stack([x] * 6))[4], expected.astype(np.float64), bound)  # prefill path
 
 
+@pytest.mark.parametrize("rows", [72, 36], ids=["rows%8==0", "rows%8!=0"])  # Q4_0 is repacked only in the first case
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q8_0], ids=lambda t: t.name)
+def test_prefill_rounds_like_llama_cpp_batched_product(qtype, rows, rng):
+    cols = 512
+    data = random_weights(qtype, rows, cols, rng)
+    x = random_activations(rng, (9, cols))
+    y = K.matmul(K.QTensor(data, qtype, (rows, cols)), x)
+    np.testing.assert_array_equal(y, R.matmul_order_ref(data, qtype, (rows, cols), x))
+
+
+def test_prefill_q4_1_is_ggml_vec_dot_bit_for_bit(ggml_cpu, rng):
+    """Q4_1 has no batched kernel in ggml-cpu: every output of a batch is ggml_vec_dot_q4_1_q8_1."""
+    rows, cols = 16, 1024
+    data = np.ascontiguousarray(random_weights(QT.Q4_1, rows, cols, rng)).view(np.uint8).reshape(rows, -1)
+    x = random_activations(rng, (5, cols))
+    traits = ggml_cpu.ggml_get_type_traits_cpu(int(QT.Q4_1)).contents
+    vec_dot = _VEC_DOT(traits.vec_dot)
+    expected = np.zeros((5, rows), np.float32)
+    for t in range(5):
+        xq = ggml_quantize_activation(ggml_cpu, QT.Q8_1, x[t])
+        for r in range(rows):
+            vec_dot(cols, expected[t, r:].ctypes.data, 0, data[r].ctypes.data, 0, xq.ctypes.data, 0, 1)
+    np.testing.assert_array_equal(K.matmul(K.QTensor(data, QT.Q4_1, (rows, cols)), x), expected)
+
+
+def test_swiglu_and_expf_are_ggml_bit_for_bit(ggml_cpu, rng):
+    from runtime import kvcache
+
+    n = 4096
+    gate = (rng.standard_normal(n) * np.float32(6)).astype(np.float32)
+    gate[:4] = [0.0, -0.0, 90.0, -100.0]
+    up = rng.standard_normal(n).astype(np.float32)
+    expected = np.zeros(n, np.float32)
+    fn = ggml_cpu.ggml_vec_swiglu_f32
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn(n, expected.ctypes.data, gate.ctypes.data, up.ctypes.data)
+    np.testing.assert_array_equal(kvcache.swiglu(gate[None], up[None])[0], expected)
+    # exp through ggml_vec_soft_max_f32 (y = exp(x - max)), the softmax of the bit-exact attention
+    soft_max = ggml_cpu.ggml_vec_soft_max_f32
+    soft_max.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
+    soft_max.restype = ctypes.c_double
+    y = np.zeros(n, np.float32)
+    soft_max(n, y.ctypes.data, gate.ctypes.data, ctypes.c_float(gate.max()))
+    ours = np.array([kvcache.ggml_expf(v - gate.max()) for v in gate], np.float32)
+    np.testing.assert_array_equal(ours, y)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # KV-cache codecs
 

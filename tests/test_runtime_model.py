@@ -227,18 +227,15 @@ def test_read_metadata(tiny_gguf):
 
 # ------------------------------------------------------------------------------------------ real weights (slow)
 
-N_FLOOR = 300
-
-
 @pytest.mark.slow
-def test_smollm2_matches_llamacpp():
-    """Native vs llama.cpp on SmolLM2-135M Q4_1 over 600 tokens of held-out text.
+def test_smollm2_prefill_is_llamacpp_bit_for_bit():
+    """Native vs llama.cpp on SmolLM2-135M Q4_1 over 600 tokens of held-out text (a 512-token batch and a partial
+    one): the logits must be identical, not just close.
 
-    Agreement is judged against llama.cpp's own reproducibility: its batched prefill and its token-by-token decode
-    of the same tokens differ by rounding order only, yet this model (activations up to ~2e4, re-quantised to 8 bits
-    before every matrix product) turns such last-bit differences into visibly different logits. The native runtime
-    must agree with llama.cpp's prefill about as well as llama.cpp's decode does (and would fail by orders of
-    magnitude with a wrong rope, norm, attention or kernel)."""
+    Close is not a useful criterion on this model: its activations (up to ~2e4) are re-quantised to 8 bits before
+    every matrix product, so a last-bit difference anywhere (one product summed in another order) flips roundings
+    downstream and ends as ~3e-3 KLD, 96% top-1 agreement - as far apart as llama.cpp's own batched prefill and its
+    token-by-token decode. The runtime follows llama.cpp's batched kernels, attention and swiglu step by step."""
     from llmq.data import EVAL_YEARS, smollm2_gguf_path, sotu_text
     from runtime.generate import NativeEngine
     from runtime.llamacpp_engine import LlamaCppEngine
@@ -248,19 +245,12 @@ def test_smollm2_matches_llamacpp():
     tokens = reference.tokenizer.encode(sotu_text(*EVAL_YEARS)[:3000], add_special=False)[:600]
     assert len(tokens) == 600
     ref = reference.eval(tokens)
-    reference.reset()
-    ref_decode = np.concatenate([reference.eval([t]) for t in tokens[:N_FLOOR]])  # half: it is the slow part
     del reference
 
     native = NativeEngine.from_gguf(path, n_ctx=1024, threads=2, all_logits=True)
     assert native.tokenizer.encode(sotu_text(*EVAL_YEARS)[:3000], add_special=False)[:600] == tokens
     got = native.eval(tokens)
-    floor = logit_agreement(ref[:N_FLOOR], ref_decode)
-    stats = logit_agreement(ref, got)
-    print(f"\nSmolLM2 Q4_1 vs llama.cpp prefill: native {stats}\n    llama.cpp's own decode {floor}")
-    assert stats["top1"] >= min(0.99, floor["top1"] - 0.02)
-    assert stats["mean_kl"] <= max(1e-3, 2 * floor["mean_kl"])
-    assert stats["max_kl"] <= max(0.05, 3 * floor["max_kl"])
+    assert np.array_equal(got, ref), f"native vs llama.cpp prefill: {logit_agreement(ref, got)}"
 
 
 def logit_agreement(ref: np.ndarray, got: np.ndarray) -> dict:
