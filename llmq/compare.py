@@ -96,11 +96,13 @@ def build_files(src: Path, out: Path, types: Sequence[str], methods: Sequence[st
         for t in types:
             model(GgufFile(out / f"llmq-{method}-{t}.gguf", f"llmq {method}", t),
                   lambda p, t=t, m=method: _convert(src, p, t, m, calib, calib_samples))
+    # llama-quantize has no dense NVFP4/MXFP4 target: those types are compared against its other types only
+    llamacpp_types = [t for t in types if t.upper() not in ("NVFP4", "MXFP4")]
     if with_llama_quantize:
         base = out / "llamacpp-F16.gguf"
         model(GgufFile(base, LLAMACPP, "F16"),
               lambda p: _llamacpp_step(lambda tmp: lt.convert_hf(src, tmp, "f16"), p, "llama.cpp convert_hf_to_gguf"))
-        for t in types:
+        for t in llamacpp_types:
             model(GgufFile(out / f"llamacpp-{t}.gguf", LLAMACPP, t),
                   lambda p, t=t: _llamacpp_step(lambda tmp: lt.quantize_cmd(base, tmp, t, threads=threads),
                                                 p, f"llama-quantize {t}"))
@@ -110,7 +112,7 @@ def build_files(src: Path, out: Path, types: Sequence[str], methods: Sequence[st
             steps.append((imatrix, lambda p: _llamacpp_step(
                 lambda tmp: lt.imatrix_cmd(base, calib, tmp, ctx=512, chunks=calib_samples or 128, threads=threads),
                 p, "llama-imatrix"), None))
-            for t in types:
+            for t in llamacpp_types:
                 model(GgufFile(out / f"llamacpp-imatrix-{t}.gguf", LLAMACPP_IMATRIX, t),
                       lambda p, t=t: _llamacpp_step(
                           lambda tmp: lt.quantize_cmd(base, tmp, t, imatrix=imatrix, threads=threads),

@@ -33,10 +33,15 @@ FILE_TYPES: dict[str, tuple[FT, QT]] = {
     "Q5_K_S": (FT.MOSTLY_Q5_K_S, QT.Q5_K),
     "Q5_K_M": (FT.MOSTLY_Q5_K_M, QT.Q5_K),
     "Q6_K": (FT.MOSTLY_Q6_K, QT.Q6_K),
+    # FP4 (llmq/fp4.py): every linear in the FP4 type, embeddings/output as in the Q4_0 mix (Q6_K, or Q8_0 when
+    # the rows do not divide into 256). llama.cpp has no dense MXFP4 file type; its MXFP4_MOE id is the nearest.
+    "NVFP4": (FT.MOSTLY_NVFP4, QT.NVFP4),
+    "MXFP4": (FT.MOSTLY_MXFP4_MOE, QT.MXFP4),
 }
 
 # A 256-block type whose row length does not divide falls back to a 32-block type of similar quality.
-_FALLBACK = {QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+_FALLBACK = {QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0,
+             QT.NVFP4: QT.MXFP4}
 
 _FLOAT = (QT.F32, QT.F16, QT.BF16)
 

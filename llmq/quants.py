@@ -38,7 +38,7 @@ from llmq.errors import LlmqError
 QK_K = 256  # values per K-quant super-block
 
 SUPPORTED = frozenset({QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
-                       QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+                       QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.NVFP4, QT.MXFP4})
 
 
 @dataclass(frozen=True)
@@ -1419,6 +1419,10 @@ def quantize(w: np.ndarray, qtype: QT, importance: np.ndarray | None = None) -> 
         return w.astype(np.float16).view(np.uint8).reshape(rows, cols * 2)
     if qtype == QT.BF16:
         return _bf16_bytes(w).reshape(rows, cols * 2)
+    if qtype in (QT.NVFP4, QT.MXFP4):
+        # the bytes alone stand for w here (no tensor scale); convert.py searches one where llama.cpp applies it
+        from . import fp4
+        return fp4.quantize(w, qtype, importance, tensor_scale=1.0).data
 
     n_blocks = rows * cols // block_size
     blocks = w.reshape(n_blocks, block_size)

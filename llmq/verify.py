@@ -201,7 +201,9 @@ def metadata_problems(meta: dict[str, Any], layout: GGUFLayout) -> list[str]:
                 problems.append(f"tensor {name} is missing")
             elif shapes[name] != shape:
                 problems.append(f"tensor {name} has shape {list(shapes[name])}, the metadata implies {list(shape)}")
-        extra = [n for n in shapes if n not in expected and n != "rope_freqs.weight"]
+        # `<weight>.scale` (shape {1}): FP4 tensor scales, llmq/fp4.py
+        extra = [n for n in shapes if n not in expected and n != "rope_freqs.weight"
+                 and not (n.endswith(".scale") and tuple(shapes[n]) == (1,) and n[:-6] + ".weight" in expected)]
         if extra:
             problems.append(f"{len(extra)} tensor(s) unknown to a {arch} model, e.g. {extra[0]}")
         return problems

@@ -386,7 +386,7 @@ def test_user_errors_raise_llmq_error():
 
 
 def test_supported_types():
-    assert Q.SUPPORTED == {QT.F32, QT.F16, QT.BF16, *BLOCK_TYPES}
+    assert Q.SUPPORTED == {QT.F32, QT.F16, QT.BF16, *BLOCK_TYPES, QT.NVFP4, QT.MXFP4}
 
 
 # ---------------------------------------------------------------------------------------------------------------
