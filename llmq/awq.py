@@ -14,6 +14,11 @@ s = mean|x|^alpha (normalised to geometric mean 1 of its extremes), alpha from a
 error of the layer outputs under the TARGET ggml type, measured exactly from the calibration statistics:
 for y = x W^T and H = X^T X / n the output error of a quantised W' is sum_rows (W - W') H (W - W')^T.
 alpha = 0 (no scaling) is on the grid, so the search never picks something worse than plain quantisation.
+
+Then clipping (llm-awq's auto_clip, `search_clip`): per row and quantisation group, shrink the range to a fraction
+of max |w| when rounding the clipped group costs less output error than rounding the whole range; q and k are not
+clipped (their error reaches the output through the softmax, not linearly), nor are weights GPTQ will quantise
+(GPTQ compensates rounding errors against the unclipped weights itself).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from . import quants
 
 ALPHAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 SEARCH_ROWS = 128  # rows per tensor used to score a candidate (a fixed random subset; the error is a sum over rows)
+CLIP_RATIOS = tuple(np.round(1.0 - np.arange(10) / 20, 2))  # llm-awq auto_clip: max shrink 0.5, grid of 20
 
 
 @dataclass
@@ -56,8 +62,55 @@ def fake_quantize(w: np.ndarray, qtype: QT, importance: np.ndarray) -> np.ndarra
 
 
 def layer_output_error(w: np.ndarray, wq: np.ndarray, H: np.ndarray) -> float:
-    d = np.asarray(w, np.float64) - np.asarray(wq, np.float64)
-    return float(np.einsum("ij,ij->", d @ H, d))
+    """sum_rows (w - wq) H (w - wq)^T; float32 products (H float32 for speed), summed in float64."""
+    d = np.asarray(w, np.float32) - np.asarray(wq, np.float32)
+    return float(np.einsum("ij,ij->", d @ np.asarray(H, np.float32), d, dtype=np.float64))
+
+
+def group_output_errors(w: np.ndarray, wq: np.ndarray, H_blocks: np.ndarray) -> np.ndarray:
+    """(rows, n_groups) output error of each group of `group` consecutive columns on its own: d_g H_gg d_g^T, with
+    H_blocks (n_groups, group, group) the diagonal blocks of H (what llm-awq's auto_clip scores per group)."""
+    n_groups, g = H_blocks.shape[:2]
+    d = (np.asarray(w, np.float32) - np.asarray(wq, np.float32)).reshape(w.shape[0], n_groups, g)
+    return np.einsum("rgi,gij,rgj->rg", d, H_blocks, d, optimize=True)
+
+
+def diagonal_blocks(H: np.ndarray, group: int) -> np.ndarray:
+    n = H.shape[0] // group
+    idx = np.arange(n)
+    return np.ascontiguousarray(H.reshape(n, group, n, group)[idx, :, idx, :], np.float32)
+
+
+def search_clip(w: np.ndarray, qtype: QT, H: np.ndarray, ratios=CLIP_RATIOS) -> tuple[np.ndarray, np.ndarray]:
+    """llm-awq's auto_clip on ggml grids: for every row and quantisation group (the values sharing one scale),
+    the max-abs clip ratio from `ratios` whose group output error (`group_output_errors`) after rounding with
+    ggml's scale choice is lowest, measured against the UNCLIPPED weights.
+
+    Returns (clipped w, chosen ratio per (row, group)). Kept only if it lowers the whole layer's output error
+    under H (cross-group terms included); otherwise w comes back unchanged with all ratios 1."""
+    qtype = QT(qtype)
+    spec = quants.SPECS[qtype]
+    rows, cols = w.shape
+    g = spec.group_size
+    w = np.ascontiguousarray(w, np.float32)
+    importance = np.clip(np.diag(H), 0, None).astype(np.float32)
+    blocks = diagonal_blocks(H, g)
+    amax = np.abs(w.reshape(rows, -1, g)).max(axis=2, keepdims=True)
+    best_err = np.full((rows, cols // g), np.inf)
+    best_ratio = np.ones((rows, cols // g), np.float32)
+    for r in ratios:
+        lim = np.float32(r) * amax
+        wc = np.clip(w.reshape(rows, -1, g), -lim, lim).reshape(rows, cols)
+        err = group_output_errors(w, fake_quantize(wc, qtype, importance), blocks)
+        better = err < best_err
+        best_err[better] = err[better]
+        best_ratio[better] = r
+    lim = best_ratio[:, :, None] * amax
+    clipped = np.clip(w.reshape(rows, -1, g), -lim, lim).reshape(rows, cols)
+    if layer_output_error(w, fake_quantize(clipped, qtype, importance), H) >= \
+            layer_output_error(w, fake_quantize(w, qtype, importance), H):
+        return w, np.ones_like(best_ratio)
+    return clipped, best_ratio
 
 
 def search_scale(weights: list[np.ndarray], qtypes: list[QT], H: np.ndarray, mean_abs: np.ndarray,
@@ -73,6 +126,7 @@ def search_scale(weights: list[np.ndarray], qtypes: list[QT], H: np.ndarray, mea
         rows = np.sort(rng.choice(w.shape[0], min(search_rows, w.shape[0]), replace=False))
         subsets.append(np.ascontiguousarray(w[rows], np.float32))
     diag = np.clip(np.diag(H), 0, None)
+    H = np.asarray(H, np.float32)
     x = np.maximum(np.asarray(mean_abs, np.float64), 1e-8)
     errors: dict[float, float] = {}
     best = (np.inf, 0.0, np.ones_like(x))

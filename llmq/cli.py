@@ -18,7 +18,8 @@ def _cmd_convert(args) -> int:
     res = convert(args.src, args.output, args.type, force=args.force, allow_nonfinite=args.allow_nonfinite,
                   tensor_types=args.tensor_type, progress=not args.quiet, method=args.method, calib=args.calib,
                   calib_samples=args.calib_samples, calib_len=args.calib_len, smooth=args.smooth,
-                  act_order=args.act_order, max_memory=args.max_memory)
+                  act_order=args.act_order, max_memory=args.max_memory, auto_fallback=args.auto_fallback,
+                  awq_clip=args.awq_clip)
     types = ", ".join(f"{n} {t}" for t, n in sorted(res.types.items(), key=lambda kv: -kv[1]))
     print(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, {res.n_tensors} tensors: {types})")
     return 0
@@ -48,7 +49,7 @@ def _cmd_ppl(args) -> int:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise LlmqError(f"cannot read --text {args.text}: {getattr(e, 'strerror', None) or e}") from None
-    engine = ev.open_engine(Path(args.model), args.engine, args.ctx, args.threads)
+    engine = ev.open_engine(Path(args.model), args.engine, args.ctx, args.threads, args.act_quant)
     tokens, add_bos, bos_id = ev.tokenize_for_ppl(engine, text)
     chunks = ev.make_chunks(tokens, args.ctx, args.chunks, add_bos, bos_id)
     res = ev.evaluate(ev.engine_logits_fn(engine), chunks, save_base=args.save_base and Path(args.save_base),
@@ -96,12 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantiser: rtn (default; importance-weighted when --calib is given), awq, gptq, awq+gptq "
                    "(these need --calib)")
     c.add_argument("--calib", metavar="TEXT_FILE", help="calibration text (plain UTF-8)")
-    c.add_argument("--calib-samples", type=int, default=None, metavar="N", help="calibration windows (default 128)")
+    c.add_argument("--calib-samples", type=int, default=None, metavar="N", help="calibration windows (default 64)")
     c.add_argument("--calib-len", type=int, default=None, metavar="L", help="tokens per window (default 512)")
     c.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant migration strength in [0, 1], folded in before the method (needs --calib)")
     c.add_argument("--act-order", action="store_true", help="GPTQ: quantise columns by decreasing importance on "
                    "grids chosen up front (default: natural order, each block's scales chosen when reached)")
+    c.add_argument("--awq-clip", action="store_true", help="--method awq: also search per-group clipping ratios "
+                   "(llm-awq's auto_clip) scored on the layer output")
+    c.add_argument("--auto-fallback", type=float, default=None, metavar="BPW",
+                   help="bits-per-weight budget for the whole file: measure each tensor's sensitivity on --calib and "
+                   "upgrade the most sensitive ones to higher types while the file stays within BPW")
     c.set_defaults(func=_cmd_convert)
 
     i = sub.add_parser("inspect", help="show a GGUF file's metadata and tensor table")
@@ -126,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--save-base", metavar="F", help="store this model's log-probs (top-64 fp16 + rest) as the reference")
     e.add_argument("--kld-base", metavar="F", help="compare with a reference saved by --save-base")
+    e.add_argument("--act-quant", default="none", choices=["none", "int8-token"],
+                   help="native engine: round every linear's input to int8 per token (W8A8-style serving)")
     e.set_defaults(func=_cmd_ppl)
 
     d = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M-Instruct, end to end")

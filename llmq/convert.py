@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from . import __version__, arch as archs, memory, mixes
+from . import __version__, arch as archs, fp4, memory, mixes
 from .atomic import atomic_output, check_interrupted
 from .checkpoint import Checkpoint, resolve_source
 from .errors import LlmqError
@@ -35,6 +35,7 @@ class TensorPlan:
     shape: tuple[int, ...]  # numpy order: (rows, cols)
     qtype: QT
     read: Callable[[], np.ndarray]  # float32 data in GGUF layout (after permutation)
+    scale_of: str | None = None  # for an FP4 tensor scale `<w>.scale`: the weight w it belongs to
 
     @property
     def nbytes(self) -> int:
@@ -78,14 +79,22 @@ def plan_tensors(ckpt: Checkpoint, spec: archs.ArchSpec, hp: archs.HParams, ftyp
         qtype = mixes.tensor_type(ftype, name, shape, shape_info, has_imatrix=has_imatrix, overrides=overrides)
         plans.append(TensorPlan(name, shape, qtype,
                                 _read_transformed(ckpt, hf_name, archs.tensor_transform(spec, hp, name))))
+        if fp4.applies_tensor_scale(spec.arch_name, name, qtype):
+            # right after its weight: the value is known once the weight is encoded (see convert's writer loop)
+            plans.append(TensorPlan(fp4.scale_tensor_name(name), (1,), QT.F32,
+                                    lambda: np.ones(1, np.float32), scale_of=name))
     factors = archs.llama3_rope_factors(hp)
     if factors is not None:
         plans.append(TensorPlan("rope_freqs.weight", factors.shape, QT.F32, lambda f=factors: f))
     return plans
 
 
-def encode_tensor(w: np.ndarray, qtype: QT, name: str, allow_nonfinite: bool = False) -> np.ndarray:
-    """Encode to the bytes ggml stores, as a uint8 array of shape (rows..., row_bytes)."""
+def encode_tensor(w: np.ndarray, qtype: QT, name: str, allow_nonfinite: bool = False,
+                  tensor_scales: dict[str, float | None] | None = None) -> np.ndarray:
+    """Encode to the bytes ggml stores, as a uint8 array of shape (rows..., row_bytes).
+
+    tensor_scales: names of the planned FP4 tensor scales; an FP4 weight whose `<name>.scale` is among them is
+    encoded with a searched tensor scale, which is recorded there."""
     from .quants import quantize
 
     bad = w.size - int(np.count_nonzero(np.isfinite(w)))
@@ -94,7 +103,13 @@ def encode_tensor(w: np.ndarray, qtype: QT, name: str, allow_nonfinite: bool = F
             raise LlmqError(f"tensor {name} has {bad} NaN/Inf value(s); fix the checkpoint or pass --allow-nonfinite")
         w = np.nan_to_num(w, nan=0.0, posinf=np.finfo(np.float32).max, neginf=-np.finfo(np.float32).max)
     w2 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, w.shape[-1])
-    data = np.ascontiguousarray(quantize(w2, qtype))
+    scale_name = fp4.scale_tensor_name(name) if name.endswith(".weight") else None
+    if tensor_scales is not None and qtype in fp4.FP4_TYPES and scale_name in tensor_scales:
+        encoded = fp4.quantize(w2, qtype)
+        tensor_scales[scale_name] = encoded.tensor_scale
+        data = encoded.data
+    else:
+        data = np.ascontiguousarray(quantize(w2, qtype))
     data = data.view(np.uint8).reshape(*w.shape[:-1], -1)
     return data
 
@@ -121,14 +136,17 @@ def convert(src: str | Path, out: str | Path, ftype: str = "F16", *, force: bool
             allow_nonfinite: bool = False, tensor_types: Sequence[str] = (), progress: bool = False,
             method: str = "rtn", calib: str | Path | None = None, calib_samples: int | None = None,
             calib_len: int | None = None, smooth: float | None = None, imatrix_rtn: bool = True,
-            act_order: bool = False, max_memory: int | str | None = None) -> ConvertResult:
+            act_order: bool = False, max_memory: int | str | None = None,
+            auto_fallback: float | None = None, awq_clip: bool = False) -> ConvertResult:
     """Convert the HF checkpoint `src` (directory or hub id) to a GGUF file `out` of file type `ftype`.
 
     method: 'rtn' (round to nearest with an error-minimising scale search), or a calibrated method 'awq', 'gptq',
     'awq+gptq' (see llmq.calibrate), which need `calib`, a text file. With method 'rtn' and `calib`, the scale
     search is weighted by the collected input importance (llama.cpp's imatrix) unless imatrix_rtn=False.
     smooth: SmoothQuant migration strength folded in before the method (calibrated runs only).
-    max_memory: the memory the conversion may use (bytes or '4G'); default: what the machine has available."""
+    max_memory: the memory the conversion may use (bytes or '4G'); default: what the machine has available.
+    auto_fallback: a bits-per-weight budget spent on upgrading the tensors most sensitive on the calibration text
+    (llmq.fallback; needs `calib`)."""
     from . import calibrate
     from .vocab import write_tokenizer
 
@@ -139,6 +157,8 @@ def convert(src: str | Path, out: str | Path, ftype: str = "F16", *, force: bool
         raise LlmqError(f"unknown --method {method!r}; choose one of {', '.join(calibrate.METHODS)}")
     if method != "rtn" and calib is None:
         raise LlmqError(f"--method {method} needs calibration text: pass --calib FILE")
+    if auto_fallback is not None and calib is None:
+        raise LlmqError("--auto-fallback needs calibration text: pass --calib FILE")
     if smooth is not None and calib is None:
         raise LlmqError("--smooth needs calibration text: pass --calib FILE")
     if smooth is not None and not 0.0 <= smooth <= 1.0:
@@ -147,12 +167,21 @@ def convert(src: str | Path, out: str | Path, ftype: str = "F16", *, force: bool
     settings = None
     if calibrated:
         settings = calibrate.CalibSettings(method, Path(calib), calib_samples or calibrate.DEFAULT_SAMPLES,
-                                           calib_len or calibrate.DEFAULT_LEN, smooth=smooth, act_order=act_order)
+                                           calib_len or calibrate.DEFAULT_LEN, smooth=smooth, act_order=act_order,
+                                           clip=awq_clip)
     model_dir = resolve_source(str(src))
     with Checkpoint(model_dir) as ckpt:
         spec = archs.get_arch(ckpt.config)
         hp = archs.read_hparams(ckpt.config)
         plans = plan_tensors(ckpt, spec, hp, ftype, overrides, has_imatrix=calibrated)
+        allocation = None
+        if auto_fallback is not None:
+            from . import fallback
+
+            tokens = calibrate.calibration_tokens(model_dir, Path(calib), calib_samples or calibrate.DEFAULT_SAMPLES,
+                                                  calib_len or calibrate.DEFAULT_LEN)
+            allocation = fallback.auto_fallback([p for p in plans if not p.scale_of], spec, hp,
+                                                tokens[:fallback.SAMPLES], auto_fallback, progress)
         total = sum(p.nbytes for p in plans)
         need = memory.estimate_convert_peak(ckpt.entries, plans)
         if calibrated:  # hidden states (+ two working copies) and the encoded tensors held until written
@@ -162,12 +191,13 @@ def convert(src: str | Path, out: str | Path, ftype: str = "F16", *, force: bool
             print(f"expected peak memory ~{need / memory.MiB:,.0f} MiB", flush=True)
 
         encoded: dict[str, np.ndarray] = {}
+        tensor_scales: dict[str, float | None] = {p.name: None for p in plans if p.scale_of}
         if calibrated:
             tokens = calibrate.calibration_tokens(model_dir, settings.text, settings.samples, settings.length,
                                                   settings.seed)
             encoded = calibrate.quantize_calibrated(
-                plans, spec, hp, tokens, settings, progress=progress,
-                encode=lambda w, t, n: encode_tensor(w, t, n, allow_nonfinite))
+                [p for p in plans if not p.scale_of], spec, hp, tokens, settings, progress=progress,
+                encode=lambda w, t, n: encode_tensor(w, t, n, allow_nonfinite, tensor_scales))
 
         writer = gguf.GGUFWriter(path=None, arch=spec.arch_name)
         general_metadata(writer, ckpt.config, model_dir, ftype)
@@ -184,6 +214,9 @@ def convert(src: str | Path, out: str | Path, ftype: str = "F16", *, force: bool
                     writer.add_float32(key, value)
                 else:
                     writer.add_string(key, value)
+        if allocation is not None:
+            for key, value in allocation.metadata().items():
+                (writer.add_float32 if isinstance(value, float) else writer.add_string)(key, value)
         archs.write_hparams(writer, spec, hp)
         write_tokenizer(writer, model_dir, ckpt.config, hp.n_vocab)
         for p in plans:
@@ -201,8 +234,12 @@ def convert(src: str | Path, out: str | Path, ftype: str = "F16", *, force: bool
             for p in it:
                 check_interrupted()
                 data = encoded.pop(p.name, None)
-                if data is None:
-                    data = encode_tensor(p.read(), p.qtype, p.name, allow_nonfinite)
+                if data is None and p.scale_of:
+                    if tensor_scales[p.name] is None:
+                        raise AssertionError(f"{p.name}: no tensor scale recorded for {p.scale_of}")
+                    data = np.array([tensor_scales[p.name]], np.float32).view(np.uint8)
+                elif data is None:
+                    data = encode_tensor(p.read(), p.qtype, p.name, allow_nonfinite, tensor_scales)
                 if data.nbytes != p.nbytes:
                     raise AssertionError(f"{p.name}: encoded {data.nbytes} bytes, planned {p.nbytes}")
                 writer.write_tensor_data(data)

@@ -93,9 +93,8 @@ def _inverse_hessian_factor(H: np.ndarray, damp: float) -> tuple[np.ndarray, flo
         Hd = H + damp * mean_diag * np.eye(H.shape[0])
         try:
             L = np.linalg.cholesky(Hd)
-            Linv = np.linalg.solve(L, np.eye(L.shape[0]))
-            Hinv = Linv.T @ Linv
-            U = np.linalg.cholesky(Hinv).T
+            Linv = np.linalg.inv(L)
+            U = np.linalg.cholesky(Linv.T @ Linv).T
             if np.isfinite(U).all():
                 return U, damp
         except np.linalg.LinAlgError:
@@ -179,10 +178,12 @@ def _concat_scales(parts: list[BlockScales], qtype: QT, rows: int) -> BlockScale
 
 
 def gptq_quantize(W: np.ndarray, H: np.ndarray, qtype: QT, *, act_order: bool = False, damp: float = DAMP,
-                  lazy_batch: int = LAZY_BATCH) -> tuple[np.ndarray, np.ndarray]:
+                  lazy_batch: int = LAZY_BATCH, factor: tuple[np.ndarray, float] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Quantise W (rows, cols) to `qtype` minimising the output error under H = X^T X / n (cols, cols).
 
-    Returns (ggml bytes (rows, row_bytes) uint8, dequantised W' float32)."""
+    factor: `inverse_hessian_factor(H, damp)` when already computed (linears sharing an input share it; natural
+    order only). Returns (ggml bytes (rows, row_bytes) uint8, dequantised W' float32)."""
     qtype = QT(qtype)
     if qtype not in SPECS:
         raise LlmqError(f"GPTQ cannot target {qtype.name}")
@@ -195,11 +196,6 @@ def gptq_quantize(W: np.ndarray, H: np.ndarray, qtype: QT, *, act_order: bool = 
     importance = np.clip(np.diag(H), 0, None).astype(np.float32)
     # ggml's imatrix path weighs by sqrt(sigma2 + x^2) with sigma2 = mean x^2 of the (original) row
     sigma2 = (W.astype(np.float64) ** 2).mean(axis=1).astype(np.float32)
-    U, used = inverse_hessian_factor(H, damp)
-    U = U.astype(np.float32)
-    if used != damp:
-        log.info("GPTQ used damp %.3g", used)
-
     n_blocks = cols // bs
     codes = np.zeros((rows, cols), np.int32)
     Q = np.zeros((rows, cols), np.float32)
@@ -225,6 +221,10 @@ def gptq_quantize(W: np.ndarray, H: np.ndarray, qtype: QT, *, act_order: bool = 
             Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
         codes[:, perm], Q[:, perm] = codes_p, Q_p
     else:
+        U, used = factor if factor is not None else inverse_hessian_factor(H, damp)
+        U = U.astype(np.float32)
+        if used != damp:
+            log.info("GPTQ used damp %.3g", used)
         batch = max(bs, (lazy_batch // bs) * bs)
         parts = []
         for i1 in range(0, cols, batch):

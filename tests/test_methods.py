@@ -201,3 +201,72 @@ def test_smooth_scales_balance_activations_and_weights():
     w_max = np.max([np.abs(w).max(axis=0) for w in ws], axis=0)
     np.testing.assert_allclose(act / s, w_max * s, rtol=1e-5)  # alpha 0.5: both sides meet in the middle
     np.testing.assert_allclose(smooth_scales(act, ws, 1.0), act, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- AWQ clipping search
+
+def test_clip_search_lowers_output_error_on_heavy_tailed_weights():
+    W, H = correlated_layer(64, 256, seed=7)
+    rng = np.random.default_rng(7)
+    W = (W * np.exp(rng.standard_normal(W.shape))).astype(np.float32)  # heavy tails: a few large values per block
+    importance = np.diag(H).astype(np.float32)
+    for qtype, gain in ((QT.Q4_0, 0.97), (QT.Q4_K, 1.0)):  # K-quants' own scale search already trims ranges
+        clipped, ratio = awq.search_clip(W, qtype, H)
+        assert ratio.shape == (64, 256 // SPECS[qtype].group_size) and (ratio < 1).any()
+        before = awq.layer_output_error(W, awq.fake_quantize(W, qtype, importance), H)
+        after = awq.layer_output_error(W, awq.fake_quantize(clipped, qtype, importance), H)
+        assert after < gain * before, (qtype, after, before)
+        assert np.all(np.abs(clipped) <= np.abs(W))
+
+
+# ---------------------------------------------------------------------------------------------- --auto-fallback
+
+def test_allocate_spends_the_budget_on_the_most_sensitive_tensors():
+    from llmq.fallback import allocate, bits_per_weight, candidates
+
+    shapes = {"a.weight": (64, 256), "b.weight": (64, 256), "c.weight": (64, 256), "norm.weight": (256,)}
+    base = {"a.weight": QT.Q4_0, "b.weight": QT.Q4_0, "c.weight": QT.Q4_0, "norm.weight": QT.F32}
+
+    def sens(loud):
+        # nsr roughly quartering per extra 2 bits; `loud` is 10x more sensitive than the others
+        return {n: {t: (10.0 if n == loud else 1.0) * 4.0 ** (-bits_per_weight(t) / 2)
+                    for t in candidates(QT.Q4_0, 256)} for n in ("a.weight", "b.weight", "c.weight")}
+
+    n_weights = 3 * 64 * 256 + 256
+    budget = (3 * 64 * 256 * 4.5 + 64 * 256 * 1.0 + 256 * 32) / n_weights  # about one tensor one bit higher
+    for loud in ("a.weight", "c.weight"):
+        alloc = allocate(shapes, base, sens(loud), budget)
+        assert alloc.bpw <= budget and alloc.base_bpw < alloc.bpw
+        assert list(alloc.upgraded) == [loud], alloc.upgraded
+    everything = allocate(shapes, base, sens("a.weight"), 9.0)
+    assert all(t == QT.Q8_0 for n, t in everything.types.items() if n != "norm.weight")
+    with pytest.raises(Exception, match="auto-fallback"):
+        allocate(shapes, base, sens("a.weight"), 4.0)
+
+
+def test_auto_fallback_end_to_end(outlier_model, tmp_path):
+    from gguf import GGUFReader
+
+    from llmq.convert import convert
+    from llmq.fallback import tensor_bits
+
+    ckpt, calib, _ = outlier_model
+    base = convert(ckpt, tmp_path / "base.gguf", "Q4_0", calib=calib, calib_samples=4, calib_len=64).path
+    budget = 5.5
+    path = convert(ckpt, tmp_path / "fb.gguf", "Q4_0", calib=calib, calib_samples=4, calib_len=64,
+                   auto_fallback=budget).path
+
+    def bpw(p):
+        r = GGUFReader(p)
+        bits = sum(tensor_bits(tuple(int(x) for x in t.shape[::-1]), t.tensor_type) for t in r.tensors)
+        return bits / sum(int(t.n_elements) for t in r.tensors), r
+
+    (b0, _), (b1, r) = bpw(base), bpw(path)
+    assert b0 < b1 <= budget
+    chosen = bytes(r.fields["llmq.auto_fallback"].parts[-1]).decode()
+    assert chosen != "none" and all("=" in c for c in chosen.split(","))
+    for item in chosen.split(","):
+        name, tname = item.split("=")
+        assert next(t for t in r.tensors if t.name == name).tensor_type.name == tname
+    with pytest.raises(Exception, match="needs calibration"):
+        convert(ckpt, tmp_path / "x.gguf", "Q4_0", auto_fallback=6.0)
