@@ -184,11 +184,15 @@ def engine_logits_fn(engine) -> Callable[[np.ndarray], np.ndarray]:
     return fn
 
 
-def open_engine(model: Path, engine: str, n_ctx: int, threads: int | None = None):
+def open_engine(model: Path, engine: str, n_ctx: int, threads: int | None = None, act_quant: str = "none"):
     if engine == "native":
         from runtime.generate import NativeEngine
 
-        return NativeEngine.from_gguf(model, n_ctx=n_ctx, threads=threads)
+        native = NativeEngine.from_gguf(model, n_ctx=n_ctx, threads=threads)
+        native.model.set_act_quant(act_quant)
+        return native
+    if act_quant != "none":
+        raise LlmqError(f"--act-quant {act_quant} needs --engine native (llama.cpp quantises activations its own way)")
     if engine == "llama.cpp":
         from runtime.llamacpp_engine import LlamaCppEngine
 

@@ -25,16 +25,15 @@ from numba import njit
 
 from llmq.errors import LlmqError
 
-from ..kvcache import attend_f16, mix_dense, scores_dense
+from ..kvcache import attend_f16, mix_dense, scores_dense, swiglu
 
 # llama.cpp's llama_model_rope_type(): these architectures rotate (x[i], x[i + d/2]) pairs ("NEOX"); llama-type
 # GGUFs rotate adjacent (x[2i], x[2i+1]) pairs ("NORM") because convert_hf_to_gguf permutes their q/k rows.
 NEOX_ROPE_ARCHS = frozenset({"qwen2", "qwen3"})
 
-PREFILL_CHUNK = 512
-# llama.cpp's f16-cache attention bit for bit (kvcache.attend_f16): much slower than the numpy path (its kernel is
-# not yet optimised) and it did not improve SmolLM2 parity measurably, so off unless LLMQ_BIT_EXACT=1.
-BIT_EXACT_ATTENTION = os.environ.get("LLMQ_BIT_EXACT") == "1"  # tokens per forward pass during prefill, like llama.cpp's default n_batch
+PREFILL_CHUNK = 512  # tokens per forward pass during prefill, like llama.cpp's default n_batch
+# Set LLMQ_FAST_ATTENTION=1 for numpy attention (BLAS products, np.exp softmax): faster, but not llama.cpp's rounding.
+EXACT_ATTENTION = os.environ.get("LLMQ_FAST_ATTENTION") != "1"
 
 
 @dataclass
@@ -113,7 +112,10 @@ class Linear:
         self.name = name
         self.weight = weight
         self.bias = bias
+        self.scale: np.float32 | None = None  # `<name>.scale` (FP4 tensor scale), applied as llama.cpp does
         self.input_hook: Callable[[str, np.ndarray], None] | None = None
+        # rounds the input before the product (act_quant.fake_quant_per_token_int8 for W8A8-style serving)
+        self.act_quant: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -122,6 +124,8 @@ class Linear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.input_hook is not None:
             self.input_hook(self.name, x)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
         w = self.weight
         if isinstance(w, np.ndarray):
             y = x @ w.T
@@ -129,6 +133,8 @@ class Linear:
             from .. import kernels
 
             y = kernels.matvec(w, x[0])[None, :] if x.shape[0] == 1 else kernels.matmul(w, x)
+        if self.scale is not None:  # llama.cpp: ggml_mul(matmul, scale) before the bias (build_lora_mm)
+            y = y * self.scale
         if self.bias is not None:
             y = y + self.bias
         return np.asarray(y, dtype=np.float32)
@@ -239,7 +245,7 @@ class Attention:
         positions = np.arange(pos, pos + n)
         q, k = self.rope(q, positions), self.rope(k, positions)
 
-        if BIT_EXACT_ATTENTION and cache is not None and cache.type_k == cache.type_v == "f16" and d % 16 == 0:
+        if EXACT_ATTENTION and cache is not None and cache.type_k == cache.type_v == "f16" and d % 16 == 0:
             cache.store(self.layer, pos, k.reshape(n, KV * d), v.reshape(n, KV * d))
             L = pos + n
             out = attend_f16(q, cache.keys(self.layer, L), cache.values(self.layer, L), self.scale, pos, KV)
@@ -272,7 +278,10 @@ class FeedForward:
         self.w_down = _linear(w, p + "ffn_down")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.w_down(silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self.w_gate(x), self.w_up(x)
+        if gate.shape[-1] % 16 == 0:
+            return self.w_down(swiglu(gate, up))  # ggml_vec_swiglu_f32's rounding
+        return self.w_down(silu(gate) * up)
 
 
 class TransformerBlock:
@@ -303,6 +312,7 @@ class Model:
             self.output = _linear(weights, "output" if "output.weight" in weights else "token_embd")
         except KeyError as e:
             raise LlmqError(f"GGUF is missing tensor {e.args[0]}") from None
+        self._attach_tensor_scales(weights)
         self._check_shapes()
         # Defaults for new_cache(); load_gguf sets them from its arguments.
         self.n_ctx = min(args.n_ctx_train, 4096)
@@ -325,6 +335,17 @@ class Model:
             self._tokenizer = GGUFTokenizer.from_metadata(self.metadata)
         return self._tokenizer
 
+    def _attach_tensor_scales(self, weights: Mapping[str, Any]) -> None:
+        """`<linear>.scale` tensors, where llama.cpp's loader and graph use them (llmq/fp4.py has the rule)."""
+        from llmq.fp4 import llama_cpp_applies_scale
+
+        for linear in self.linears():
+            scale = weights.get(linear.name + ".scale")
+            qtype = getattr(linear.weight, "qtype", None)
+            if scale is not None and qtype is not None and \
+                    llama_cpp_applies_scale(self.args.arch, linear.name + ".weight", qtype):
+                linear.scale = np.float32(np.asarray(scale, np.float32).reshape(-1)[0])
+
     def _check_shapes(self) -> None:
         a = self.args
         expect = {self.output: (a.vocab_size, a.dim)}
@@ -339,6 +360,15 @@ class Model:
                 raise LlmqError(f"tensor {linear.name}.weight has shape {linear.shape}, expected {shape}")
         if a.n_heads % a.n_kv_heads:
             raise LlmqError(f"head_count {a.n_heads} is not a multiple of head_count_kv {a.n_kv_heads}")
+
+    def set_act_quant(self, mode: str) -> None:
+        """'none' (ggml's own q8 activation blocks for quantised weights) or 'int8-token' (every linear's input
+        rounded to int8 with one scale per token first, see runtime/act_quant.py)."""
+        from .. import act_quant
+
+        fn = act_quant.fake_quant_per_token_int8 if act_quant.check_mode(mode) == "int8-token" else None
+        for lin in self.linears():
+            lin.act_quant = fn
 
     def linears(self) -> Iterator[Linear]:
         for block in self.layers:
