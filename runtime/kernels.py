@@ -275,6 +275,16 @@ def _sum_lanes(lanes):
     return total
 
 
+@_jit
+def _block_sums(xq):
+    """Sum of each activation block's int8 quants (the offset term of the unsigned-value dots)."""
+    xsum = np.zeros(xq.shape[0], np.int32)
+    for b in range(xq.shape[0]):
+        for j in range(xq.shape[1]):
+            xsum[b] += np.int32(xq[b, j])
+    return xsum
+
+
 @_jit_inline
 def _dot_q4_0(wr, xq, xsum, xd, f16):
     """One integer sum per block over the unsigned nibbles, the -8 offset applied once through the block's
@@ -343,21 +353,19 @@ def _dot_q4_1(w, r, xq, xd, xs, f16, lanes):
 
 
 @_jit_inline
-def _dot_q5_0(w, r, xq, xd, f16, lanes):
-    for lane in range(8):
-        lanes[lane] = 0
-    for b in range(w.shape[1]):
-        scale = _f16_at(w, r, b, 0, f16) * xd[b]
-        qh = _u32_at(w, r, b, 2)  # bit e: 5th bit of element e
-        for l in range(8):
-            q0 = np.int32(w[r, b, 6 + l])
-            q1 = np.int32(w[r, b, 14 + l])
-            p = np.int32((((q0 & 15) | (((qh >> l) & 1) << 4)) - 16) * xq[b, l]
-                         + (((q1 & 15) | (((qh >> (l + 8)) & 1) << 4)) - 16) * xq[b, l + 8]
-                         + (((q0 >> 4) | (((qh >> (l + 16)) & 1) << 4)) - 16) * xq[b, l + 16]
-                         + (((q1 >> 4) | (((qh >> (l + 24)) & 1) << 4)) - 16) * xq[b, l + 24])
-            lanes[l] += scale * np.float32(p)
-    return _sum_lanes(lanes)
+def _dot_q5_0(wr, xq, xsum, xd, f16):
+    """As _dot_q4_0: one integer sum per block over the unsigned 5-bit values, offset 16 via the activation sum."""
+    acc = np.float32(0.0)
+    for b in range(wr.shape[0]):
+        qh = np.int32(wr[b, 2]) | (np.int32(wr[b, 3]) << 8) | (np.int32(wr[b, 4]) << 16) | (np.int32(wr[b, 5]) << 24)
+        s = np.int32(0)
+        for l in range(16):
+            q = np.int32(wr[b, 6 + l])
+            s += (((q & 15) | (((qh >> l) & 1) << 4)) * np.int32(xq[b, l])
+                  + ((q >> 4) | (((qh >> (l + 16)) & 1) << 4)) * np.int32(xq[b, l + 16]))
+        d = f16[np.int64(wr[b, 0]) | (np.int64(wr[b, 1]) << 8)]
+        acc += np.float32(s - 16 * xsum[b]) * (d * xd[b])
+    return acc
 
 
 @_jit_inline
@@ -451,30 +459,25 @@ def _q4_k_min_term(w, r, b, mins, xd, xbsums, f16):
 
 
 @_jit_inline
-def _dot_q4_k(w, r, xq, xd, xbsums, f16, lanes):
-    """8 float lanes as for Q4_1; lane l of sub-block pair k takes elements l, l+8, l+16, l+24 of each."""
-    for lane in range(8):
-        lanes[lane] = 0
+def _dot_q4_k(w, r, xq, xd, xbsums, f16):
+    """One integer sum per block (sub-block sums times their 6-bit scales), as the Q4_0 dot: vectorises."""
+    acc = np.float32(0.0)
     mins_total = np.float32(0.0)
-    for b in range(w.shape[1]):
+    wr = w[r]
+    for b in range(wr.shape[0]):
         scales, mins = _scales_mins_k4(w, r, b)
-        scale = _f16_at(w, r, b, 0, f16) * xd[b]
+        isum = np.int32(0)
         for k in range(4):
-            sc_lo = _byte(scales, 2 * k)
-            sc_hi = _byte(scales, 2 * k + 1)
-            for l in range(8):
-                q0 = np.int32(w[r, b, 16 + 32 * k + l])
-                q1 = np.int32(w[r, b, 24 + 32 * k + l])
-                q2 = np.int32(w[r, b, 32 + 32 * k + l])
-                q3 = np.int32(w[r, b, 40 + 32 * k + l])
-                x0 = 64 * k + l
-                lo = np.int32((q0 & 15) * xq[b, x0] + (q1 & 15) * xq[b, x0 + 8]
-                              + (q2 & 15) * xq[b, x0 + 16] + (q3 & 15) * xq[b, x0 + 24])
-                hi = np.int32((q0 >> 4) * xq[b, x0 + 32] + (q1 >> 4) * xq[b, x0 + 40]
-                              + (q2 >> 4) * xq[b, x0 + 48] + (q3 >> 4) * xq[b, x0 + 56])
-                lanes[l] += scale * np.float32(np.int32(sc_lo * lo + sc_hi * hi))
+            lo = np.int32(0)
+            hi = np.int32(0)
+            for j in range(QK):
+                q = wr[b, 16 + 32 * k + j]
+                lo += np.int32(q & np.uint8(15)) * np.int32(xq[b, 64 * k + j])
+                hi += np.int32(q >> np.uint8(4)) * np.int32(xq[b, 64 * k + 32 + j])
+            isum += _byte(scales, 2 * k) * lo + _byte(scales, 2 * k + 1) * hi
+        acc += (_f16_at(w, r, b, 0, f16) * xd[b]) * np.float32(isum)
         mins_total += _q4_k_min_term(w, r, b, mins, xd, xbsums, f16)
-    return _sum_lanes(lanes) - mins_total
+    return acc - mins_total
 
 
 @_jit
@@ -537,10 +540,7 @@ def _matvec_q4_0(w, x, f16):
     xq = np.empty((w.shape[1], QK), np.int8)
     xd = np.empty(w.shape[1], np.float32)
     _quantize_q8_0_cpu(x, xq, xd)
-    xsum = np.zeros(w.shape[1], np.int32)
-    for b in range(w.shape[1]):
-        for j in range(QK):
-            xsum[b] += np.int32(xq[b, j])
+    xsum = _block_sums(xq)
     out = np.empty(w.shape[0], np.float32)
     for r in prange(w.shape[0]):
         out[r] = _dot_q4_0(w[r], xq, xsum, xd, f16)
@@ -552,11 +552,10 @@ def _matvec_q5_0(w, x, f16):
     xq = np.empty((w.shape[1], QK), np.int8)
     xd = np.empty(w.shape[1], np.float32)
     _quantize_q8_0_cpu(x, xq, xd)
+    xsum = _block_sums(xq)
     out = np.empty(w.shape[0], np.float32)
-    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        lanes = np.empty(8, np.float32)
-        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
-            out[r] = _dot_q5_0(w, r, xq, xd, f16, lanes)
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q5_0(w[r], xq, xsum, xd, f16)
     return out
 
 
@@ -786,10 +785,8 @@ def _matvec_q4_k(w, x, f16):
     xbsums = np.empty((w.shape[1], QK_K // 16), np.int32)
     _quantize_q8_k(x, xq, xd, xbsums)
     out = np.empty(w.shape[0], np.float32)
-    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        lanes = np.empty(8, np.float32)
-        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
-            out[r] = _dot_q4_k(w, r, xq, xd, xbsums, f16, lanes)
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q4_k(w, r, xq, xd, xbsums, f16)
     return out
 
 
