@@ -16,11 +16,12 @@ import re
 import subprocess
 import sys
 
-from common import WORK, smollm2_hf_dir, smollm2_permuted_dir, text_file, write_table
+from common import ROOT, WORK, smollm2_hf_dir, smollm2_permuted_dir, text_file, write_table
 
 
 def llmq(*args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "llmq.cli", *args], capture_output=True, text=True)
+    # from the repo root: run from bench/, bench/runtime.py would shadow the runtime package
+    r = subprocess.run([sys.executable, "-m", "llmq.cli", *args], capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"llmq {' '.join(args)} failed: {r.stderr.strip()[-400:]}")
     return r.stdout
