@@ -193,27 +193,14 @@ def test_kernels_match_numpy_reference(qtype):
     assert np.abs(kernels.matmul(qt, x) - exact).max() > 10 * tol
 
 
-class _GgmlTraits(ctypes.Structure):
-    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
-                ("nrows", ctypes.c_int64)]
-
-
-_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-_VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
-                            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-
-
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_kernels_match_ggml_cpu_vec_dot(qtype):
     """Against llama.cpp's own CPU backend (llama-cpp-python's libggml-cpu): same Q8_0 activation, same dot."""
-    import llama_cpp
+    from ggml_cpu import FROM_FLOAT, VEC_DOT, open_ggml_cpu
 
     from runtime import kernels
 
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so"))
-    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_GgmlTraits)
-    lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
-    lib.ggml_cpu_init()
+    lib = open_ggml_cpu()
     traits = lib.ggml_get_type_traits_cpu(int(qtype)).contents
     assert QT(traits.vec_dot_type) == QT.Q8_0
     rows, cols = 24, 1024
@@ -221,10 +208,10 @@ def test_kernels_match_ggml_cpu_vec_dot(qtype):
     data = fp4.quantize(heavy_tailed(9, rows, cols, scale=0.05), qtype).data
     x = rng.standard_normal(cols).astype(np.float32)
     x_q8 = np.zeros(cols // 32 * 34, np.uint8)
-    _FROM_FLOAT(lib.ggml_get_type_traits_cpu(int(QT.Q8_0)).contents.from_float)(x.ctypes.data, x_q8.ctypes.data,
+    FROM_FLOAT(lib.ggml_get_type_traits_cpu(int(QT.Q8_0)).contents.from_float)(x.ctypes.data, x_q8.ctypes.data,
                                                                                 cols)
     expected = np.zeros(rows, np.float32)
-    vec_dot = _VEC_DOT(traits.vec_dot)
+    vec_dot = VEC_DOT(traits.vec_dot)
     for r in range(rows):
         row = np.ascontiguousarray(data[r])
         vec_dot(cols, expected[r:].ctypes.data, 0, row.ctypes.data, 0, x_q8.ctypes.data, 0, 1)

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gguf_quants
 from numba import njit
 
+from ggml_cpu import FROM_FLOAT, VEC_DOT, libggml_cpu_path, open_ggml_cpu
 from llmq.errors import LlmqError
 from runtime import kernels as K
 from runtime import kernels_ref as R
@@ -218,37 +219,23 @@ def test_results_do_not_depend_on_thread_count(rng):
 # libggml-cpu, the build the runtime is compared with token for token.
 
 
-class _GgmlTraits(ctypes.Structure):
-    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
-                ("nrows", ctypes.c_int64)]
-
-
-_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-_VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
-                            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-
-
 @pytest.fixture(scope="module")
 def ggml_cpu():
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401  (skip cleanly without llama-cpp-python)
     except ImportError:
         pytest.skip("llama-cpp-python is not installed")
-    path = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so")
+    path = libggml_cpu_path()
     if not os.path.exists(path):
         pytest.skip(f"{path} not found")
-    lib = ctypes.CDLL(path)
-    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_GgmlTraits)
-    lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
-    lib.ggml_cpu_init()
-    return lib
+    return open_ggml_cpu(path)
 
 
 def ggml_quantize_activation(lib, act_type: QT, x: np.ndarray) -> np.ndarray:
     # gguf-py still lists Q8_1 with two float32 fields (40 bytes); ggml's block_q8_1 has two halves (36 bytes)
     block, block_bytes = (32, 36) if act_type == QT.Q8_1 else GGML_QUANT_SIZES[act_type]
     out = np.zeros(x.size // block * block_bytes, np.uint8)
-    from_float = _FROM_FLOAT(lib.ggml_get_type_traits_cpu(int(act_type)).contents.from_float)
+    from_float = FROM_FLOAT(lib.ggml_get_type_traits_cpu(int(act_type)).contents.from_float)
     from_float(x.ctypes.data, out.ctypes.data, x.size)
     return out
 
@@ -285,7 +272,7 @@ def test_against_llama_cpp_cpu_backend(qtype, ggml_cpu, rng):
     assert act_type == R.ACT_TYPE[qtype]
     x_ggml = ggml_quantize_activation(ggml_cpu, act_type, x)
     np.testing.assert_array_equal(our_activation_bytes(act_type, x), x_ggml)
-    vec_dot = _VEC_DOT(traits.vec_dot)
+    vec_dot = VEC_DOT(traits.vec_dot)
     expected = np.zeros(rows, np.float32)
     for r in range(rows):
         vec_dot(cols, expected[r:].ctypes.data, 0, data[r].ctypes.data, 0, x_ggml.ctypes.data, 0, 1)
@@ -312,7 +299,7 @@ def test_prefill_q4_1_is_ggml_vec_dot_bit_for_bit(ggml_cpu, rng):
     data = np.ascontiguousarray(random_weights(QT.Q4_1, rows, cols, rng)).view(np.uint8).reshape(rows, -1)
     x = random_activations(rng, (5, cols))
     traits = ggml_cpu.ggml_get_type_traits_cpu(int(QT.Q4_1)).contents
-    vec_dot = _VEC_DOT(traits.vec_dot)
+    vec_dot = VEC_DOT(traits.vec_dot)
     expected = np.zeros((5, rows), np.float32)
     for t in range(5):
         xq = ggml_quantize_activation(ggml_cpu, QT.Q8_1, x[t])
