@@ -41,22 +41,10 @@ def test_per_token_int8_matches_a_plain_loop_and_keeps_the_row_maximum():
 def loud_channels(tmp_path_factory):
     """A tiny llama whose norms make a few residual channels 30x louder than the rest (the activation outliers of
     real LLMs), plus calibration and held-out token ids."""
-    from safetensors.numpy import load_file, save_file
-    from tiny_models import make_tiny_checkpoint
-    from tiny_tokenizers import heldout_text
+    from tiny_models import make_loud_channel_checkpoint
 
-    d = tmp_path_factory.mktemp("actq")
-    ckpt = make_tiny_checkpoint("llama", d / "hf", seed=7)
-    tensors = load_file(ckpt / "model.safetensors")
-    for name in list(tensors):
-        if name.endswith("layernorm.weight"):
-            tensors[name] = tensors[name].copy()
-            tensors[name][[5, 21, 50]] *= 30.0
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
-    text = heldout_text(2000)
-    calib = d / "calib.txt"
-    calib.write_text(text[: len(text) // 2])
-    return ckpt, calib, text[len(text) // 2:]
+    return make_loud_channel_checkpoint(tmp_path_factory.mktemp("actq"), seed=7, channels=[5, 21, 50], factor=30.0,
+                                        n_lines=2000)
 
 
 def _logits(path, text, mode):

