@@ -21,6 +21,9 @@ import llamacpp
 from llmq import evaluate as ev
 
 
+NO_LLAMACPP_QUANTIZER = {"NVFP4"}  # llama-quantize has no NVFP4 target for dense models
+
+
 def files_for(ftype: str, hf: Path) -> dict[str, Path]:
     out = WORK / "parity"
     out.mkdir(parents=True, exist_ok=True)
@@ -28,12 +31,15 @@ def files_for(ftype: str, hf: Path) -> dict[str, Path]:
     if not f16.is_file():
         subprocess.run(llamacpp.convert_hf(hf, f16, "f16"), check=True, capture_output=True)
     theirs, ours = out / f"llamacpp-{ftype}.gguf", out / f"llmq-{ftype}.gguf"
-    if not theirs.is_file():
+    files = {"llmq convert": ours}
+    if ftype not in NO_LLAMACPP_QUANTIZER:
+        files = {"llama.cpp quantizer": theirs, **files}
+    if ftype not in NO_LLAMACPP_QUANTIZER and not theirs.is_file():
         subprocess.run(llamacpp.quantize_cmd(f16, theirs, ftype), check=True, capture_output=True)
     if not ours.is_file():  # from the repository root: bench/runtime.py would shadow the runtime package
         subprocess.run([sys.executable, "-m", "llmq.cli", "convert", str(hf), "-o", str(ours), "--type", ftype, "-q"],
                        check=True, cwd=ROOT)
-    return {"llama.cpp quantizer": theirs, "llmq convert": ours}
+    return files
 
 
 def parity(path: Path, text: str, chunks: int, threads: int) -> ev.KLDResult:

@@ -6,9 +6,13 @@ Both types take a Q8_0 activation (vec_dot_type, ggml-cpu.c). Layouts and value 
     NVFP4 block b (36 B), Q8_0 blocks 2b, 2b+1: sub-block s (16 values) reads Q8_0 block 2b + s//2 at offset
                                              16 * (s % 2):  sum += dy * UE4M3(d_s)/2 * sum_j KV[q_j] * xq_j
 
-The order of the float sums is ggml's generic one (one float add per group); ggml's AVX2 code keeps 8 float lanes,
-which differs only in float rounding. llama.cpp multiplies the matmul output by the tensor scale `<name>.scale`
-afterwards (runtime/models/llama.py does the same).
+NVFP4 follows ggml's AVX2 ggml_vec_dot_nvfp4_q8_0 bit for bit: 8 float lanes, lane k summing the 4 products of
+elements 4k..4k+3 of each 32-value half-block (so lanes 0-3 take the scale of the half's first sub-block, lanes 4-7 the
+second's), one fma per lane and half-block, then hsum_float_8. ggml-cpu has no batched NVFP4 kernel (no repack, no
+tinyBLAS, no tiled path), so llama.cpp's prefill is this same dot for every output: `_matmul_nvfp4` reproduces it with
+the activation tile swept across a tile of unpacked weight rows. MXFP4 keeps ggml's generic order (one float add per
+block); llama.cpp repacks it (mxfp4_8x8), which is not mirrored. llama.cpp multiplies the matmul output by the tensor
+scale `<name>.scale` afterwards (runtime/models/llama.py does the same).
 
 `matvec_ref` / `matmul_ref` are the plain numpy references (gguf-py's dequantizer for the weights, ggml's Q8_0 for
 the activation, float64 products).
@@ -23,7 +27,7 @@ from llmq.fp4 import E8M0_HALF, KVALUES, UE4M3_HALF
 
 from numba import prange
 
-from .kernels import QK, _jit, _kernel, _quantize_q8_0_cpu, _roundtrip_q8_0, _TypeKernels
+from .kernels import QK, _fma, _hsum8_col, _hsum_float_8, _jit, _kernel, _quantize_q8_0_cpu, _roundtrip_q8_0, _TypeKernels
 
 _KV = KVALUES.astype(np.int32)
 _UE4M3 = UE4M3_HALF
@@ -45,17 +49,20 @@ def _dot_mxfp4(w, r, xq, xd, f16):
 
 @_jit
 def _dot_nvfp4(w, r, xq, xd, f16):
-    acc = np.float32(0.0)
+    lanes = np.zeros(8, np.float32)
     for b in range(w.shape[1]):
-        for sub in range(4):
-            qb = 2 * b + sub // 2
-            off = 16 * (sub % 2)
-            s = np.int32(0)
-            for j in range(8):
-                q = np.int32(w[r, b, 4 + 8 * sub + j])
-                s = np.int32(s + _KV[q & 15] * xq[qb, off + j] + _KV[q >> 4] * xq[qb, off + 8 + j])
-            acc += xd[qb] * _UE4M3[w[r, b, sub]] * np.float32(s)
-    return acc
+        for half in range(2):
+            qb = 2 * b + half
+            for k in range(8):
+                sub = 2 * half + k // 4
+                scale = _UE4M3[w[r, b, sub]] * xd[qb]
+                s = np.int32(0)
+                for e in range(4 * k, 4 * k + 4):  # element e of the half: sub-block e // 16, position e % 16
+                    q = np.int32(w[r, b, 4 + 8 * sub + (e % 8)])
+                    v = _KV[q >> 4] if (e % 16) >= 8 else _KV[q & 15]
+                    s = np.int32(s + v * xq[qb, e])
+                lanes[k] = _fma(scale, np.float32(s), lanes[k])
+    return _hsum_float_8(lanes)
 
 
 @_kernel(parallel=True)
@@ -78,6 +85,67 @@ def _matvec_nvfp4(w, x, f16):
     for r in prange(w.shape[0]):
         out[r] = _dot_nvfp4(w, r, xq, xd, f16)
     return out
+
+
+_GEMM_ROWS = 64
+
+
+@_kernel(parallel=True)
+def _matmul_nvfp4(w, x, f16):
+    """x (n, cols) @ W.T, every output the lane order of `_dot_nvfp4`. A tile of weight rows is unpacked once into
+    float32 integers laid out (half-block, element, row) and swept across all activation rows: the integer sums of
+    4 products are exact in float32, so only the lane fmas and the final hsum round, as in ggml."""
+    n, nh, rows = x.shape[0], 2 * w.shape[1], w.shape[0]
+    xq = np.empty((n, nh, QK), np.float32)
+    xd = np.empty((n, nh), np.float32)
+    for t in prange(n):
+        qs = np.empty((nh, QK), np.int8)
+        _quantize_q8_0_cpu(x[t], qs, xd[t])
+        for h in range(nh):
+            for e in range(QK):
+                xq[t, h, e] = qs[h, e]
+    out = np.empty((n, rows), np.float32)
+    for task in prange((rows + _GEMM_ROWS - 1) // _GEMM_ROWS):
+        r0 = task * _GEMM_ROWS
+        m = min(_GEMM_ROWS, rows - r0)
+        wq = np.empty((nh, QK, m), np.float32)
+        wd = np.empty((nh, 2, m), np.float32)  # UE4M3 scale of each half's two sub-blocks
+        for i in range(m):
+            r = r0 + i
+            for b in range(w.shape[1]):
+                for sub in range(4):
+                    h, part = 2 * b + sub // 2, 16 * (sub % 2)
+                    wd[h, sub % 2, i] = _UE4M3[w[r, b, sub]]
+                    for j in range(8):
+                        q = np.int32(w[r, b, 4 + 8 * sub + j])
+                        wq[h, part + j, i] = _KV[q & 15]
+                        wq[h, part + 8 + j, i] = _KV[q >> 4]
+        _nvfp4_tile(xq, xd, wq, wd, out[:, r0:r0 + m])
+    return out
+
+
+@_jit
+def _nvfp4_tile(xq, xd, wq, wd, out):
+    n, nh, m = xq.shape[0], xq.shape[1], wq.shape[2]
+    lanes = np.empty((8, m), np.float32)
+    scale = np.empty((2, m), np.float32)
+    for t in range(n):
+        lanes[:] = 0
+        for h in range(nh):
+            x, xdh = xq[t, h], xd[t, h]
+            for p in range(2):
+                for i in range(m):
+                    scale[p, i] = wd[h, p, i] * xdh
+            for k in range(8):
+                e = 4 * k
+                w0, w1, w2, w3 = wq[h, e], wq[h, e + 1], wq[h, e + 2], wq[h, e + 3]
+                sc, lane = scale[k // 4], lanes[k]
+                for i in range(m):
+                    dot4 = (x[e] * w0[i] + x[e + 1] * w1[i]) + (x[e + 2] * w2[i] + x[e + 3] * w3[i])
+                    lane[i] = _fma(sc[i], dot4, lane[i])
+        o = out[t]
+        for i in range(m):
+            o[i] = _hsum8_col(lanes, i)
 
 
 # Dequantisation (prefill tiles, embedding rows): the same float32 products as gguf-py / ggml's dequantize_row_*.
@@ -111,7 +179,7 @@ def _dequant_nvfp4(w, rows, f16, out):
 
 FP4_KERNELS = {
     QT.MXFP4: _TypeKernels(QT.Q8_0, _matvec_mxfp4, None, _dequant_mxfp4, _roundtrip_q8_0),
-    QT.NVFP4: _TypeKernels(QT.Q8_0, _matvec_nvfp4, None, _dequant_nvfp4, _roundtrip_q8_0),
+    QT.NVFP4: _TypeKernels(QT.Q8_0, _matvec_nvfp4, _matmul_nvfp4, _dequant_nvfp4, _roundtrip_q8_0),
 }
 
 
