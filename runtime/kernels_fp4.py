@@ -10,8 +10,11 @@ NVFP4 follows ggml's AVX2 ggml_vec_dot_nvfp4_q8_0 bit for bit: 8 float lanes, la
 elements 4k..4k+3 of each 32-value half-block (so lanes 0-3 take the scale of the half's first sub-block, lanes 4-7 the
 second's), one fma per lane and half-block, then hsum_float_8. ggml-cpu has no batched NVFP4 kernel (no repack, no
 tinyBLAS, no tiled path), so llama.cpp's prefill is this same dot for every output: `_matmul_nvfp4` reproduces it with
-the activation tile swept across a tile of unpacked weight rows. MXFP4 keeps ggml's generic order (one float add per
-block); llama.cpp repacks it (mxfp4_8x8), which is not mirrored. llama.cpp multiplies the matmul output by the tensor
+the activation tile swept across a tile of unpacked weight rows. llama.cpp repacks MXFP4 matrices whose row count is a
+multiple of 8 (mxfp4_8x8) and multiplies them with the same GEMM template as the repacked Q4_0 (only the value table
+and the E8M0 scale differ): `_matmul_mxfp4` runs runtime.kernels' one-accumulator tile on them. The other row counts, and
+decode, follow ggml's AVX2 ggml_vec_dot_mxfp4_q8_0 (`_dot_mxfp4`). (Decode of a repacked matrix is ggml's GEMV, not
+mirrored.) llama.cpp multiplies the matmul output by the tensor
 scale `<name>.scale` afterwards (runtime/models/llama.py does the same).
 
 `matvec_ref` / `matmul_ref` are the plain numpy references (gguf-py's dequantizer for the weights, ggml's Q8_0 for
@@ -27,7 +30,8 @@ from llmq.fp4 import E8M0_HALF, KVALUES, UE4M3_HALF
 
 from numba import prange
 
-from .kernels import QK, _fma, _hsum8_col, _hsum_float_8, _jit, _kernel, _quantize_q8_0_cpu, _roundtrip_q8_0, _TypeKernels
+from .kernels import (QK, _fma, _gemm_q32_tile, _hsum8_col, _hsum_float_8, _jit, _kernel, _quantize_q8_0_cpu,
+                      _roundtrip_q8_0, _TypeKernels)
 
 _KV = KVALUES.astype(np.int32)
 _UE4M3 = UE4M3_HALF
@@ -36,14 +40,31 @@ _E8M0 = E8M0_HALF
 
 @_jit
 def _dot_mxfp4(w, r, xq, xd, f16):
-    acc = np.float32(0.0)
-    for b in range(w.shape[1]):
-        d = xd[b] * _E8M0[w[r, b, 0]]
+    """ggml's AVX2 ggml_vec_dot_mxfp4_q8_0: even and odd blocks in two sets of 8 fma lanes (lane k: elements
+    4k..4k+3), added, hsum_float_8; an odd last block as a scalar tail."""
+    even = np.zeros(8, np.float32)
+    odd = np.zeros(8, np.float32)
+    nb = w.shape[1]
+    for b in range(nb - nb % 2):
+        lanes = even if b % 2 == 0 else odd
+        scale = xd[b] * _E8M0[w[r, b, 0]]
+        for k in range(8):
+            s = np.int32(0)
+            for e in range(4 * k, 4 * k + 4):
+                q = np.int32(w[r, b, 1 + (e % 16)])
+                v = _KV[q >> 4] if e >= 16 else _KV[q & 15]
+                s = np.int32(s + v * xq[b, e])
+            lanes[k] = _fma(scale, np.float32(s), lanes[k])
+    for k in range(8):
+        even[k] = even[k] + odd[k]
+    acc = _hsum_float_8(even)
+    if nb % 2:
+        b = nb - 1
         s = np.int32(0)
         for j in range(16):
             q = np.int32(w[r, b, 1 + j])
             s = np.int32(s + _KV[q & 15] * xq[b, j] + _KV[q >> 4] * xq[b, j + 16])
-        acc += d * np.float32(s)
+        acc = _fma(xd[b] * _E8M0[w[r, b, 0]], np.float32(s), acc)
     return acc
 
 
@@ -148,6 +169,42 @@ def _nvfp4_tile(xq, xd, wq, wd, out):
             o[i] = _hsum8_col(lanes, i)
 
 
+def _matmul_mxfp4(w, x, f16):
+    if w.shape[0] % 8:  # not repacked by ggml: every output is its vec_dot
+        return np.stack([_matvec_mxfp4(w, row, f16) for row in x])
+    return _matmul_mxfp4_repacked(w, x)
+
+
+@_kernel(parallel=True)
+def _matmul_mxfp4_repacked(w, x):
+    n, nb, rows = x.shape[0], w.shape[1], w.shape[0]
+    xq = np.empty((n, nb, QK), np.float32)
+    xd = np.empty((n, nb), np.float32)
+    xs = np.zeros((n, nb), np.float32)
+    for t in prange(n):
+        qs = np.empty((nb, QK), np.int8)
+        _quantize_q8_0_cpu(x[t], qs, xd[t])
+        for b in range(nb):
+            for e in range(QK):
+                xq[t, b, e] = qs[b, e]
+    out = np.empty((n, rows), np.float32)
+    for task in prange((rows + _GEMM_ROWS - 1) // _GEMM_ROWS):
+        r0 = task * _GEMM_ROWS
+        m = min(_GEMM_ROWS, rows - r0)
+        wq = np.empty((nb, QK, m), np.float32)
+        wd = np.empty((nb, m), np.float32)
+        wm = np.zeros((nb, m), np.float32)
+        for i in range(m):
+            for b in range(nb):
+                wd[b, i] = _E8M0[w[r0 + i, b, 0]]
+                for j in range(16):
+                    q = np.int32(w[r0 + i, b, 1 + j])
+                    wq[b, j, i] = _KV[q & 15]
+                    wq[b, j + 16, i] = _KV[q >> 4]
+        _gemm_q32_tile(xq, xd, xs, wq, wd, wm, True, False, out[:, r0:r0 + m])
+    return out
+
+
 # Dequantisation (prefill tiles, embedding rows): the same float32 products as gguf-py / ggml's dequantize_row_*.
 
 
@@ -178,7 +235,7 @@ def _dequant_nvfp4(w, rows, f16, out):
 
 
 FP4_KERNELS = {
-    QT.MXFP4: _TypeKernels(QT.Q8_0, _matvec_mxfp4, None, _dequant_mxfp4, _roundtrip_q8_0),
+    QT.MXFP4: _TypeKernels(QT.Q8_0, _matvec_mxfp4, _matmul_mxfp4, _dequant_mxfp4, _roundtrip_q8_0),
     QT.NVFP4: _TypeKernels(QT.Q8_0, _matvec_nvfp4, _matmul_nvfp4, _dequant_nvfp4, _roundtrip_q8_0),
 }
 
