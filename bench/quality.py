@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, WORK, smollm2_hf_dir, smollm2_permuted_dir, text_file, write_table
+from common import RESULTS, ROOT, WORK, smollm2_hf_dir, smollm2_permuted_dir, text_file, write_table
 
 import llamacpp
 
@@ -216,10 +216,80 @@ class Bench:
             notes += ["", "## FP4 types (baseline: ggml's own encoder, ggml_quantize_chunk, on the tensors llmq quantizes)", "",
                       "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
                       *["| " + " | ".join(r) + " |" for r in tables["fp4"]]]
+        four_bit = self.four_bit_rows(results)
+        if four_bit:
+            png = RESULTS / f"{a.name}.png"
+            plot(results, png)
+            notes += ["", "## Which 4-bit format: Q4_0, Q4_K_M, NVFP4 and MXFP4 side by side", "",
+                      "Per checkpoint and type: llama.cpp's files (or, for the FP4 types, ggml's encoder) and llmq's "
+                      f"best file. Plot of every row: [{png.name}]({png.name}) (mean KLD against file size).", "",
+                      "| checkpoint | type | quantizer | MiB | bpw | PPL | mean KLD | same top-1 % |",
+                      "|---|---|---|---|---|---|---|---|",
+                      *["| " + " | ".join(r) + " |" for r in four_bit]]
         title = (f"Quantization quality: llmq vs llama.cpp on SmolLM2-135M-Instruct (calibration {a.samples} x "
                  f"{a.calib_len} tokens, evaluation {a.chunks * 255:,} scored tokens)")
         write_table(a.name, title, headers,
                     tables["int"], notes)
+
+
+FOUR_BIT = ("Q4_0", "Q4_K_M", "NVFP4", "MXFP4")
+
+
+def four_bit_rows(results: list[dict]) -> list[list[str]]:
+    rows = []
+    for ckpt in CHECKPOINTS:
+        for ftype in FOUR_BIT:
+            group = [r for r in results if r["checkpoint"] == ckpt and r["type"] == ftype]
+            ours = [r for r in group if r["who"].startswith("llmq-")]
+            picked = [r for r in group if not r["who"].startswith("llmq-")]
+            if ours:
+                picked.append(min(ours, key=lambda r: r["kld_mean"]))
+            rows += [[ckpt, ftype, r["who"].replace("llmq-", "llmq "), f"{r['mib']:.2f}", f"{r['bpw']:.3f}",
+                      f"{r['ppl']:.3f}", f"{r['kld_mean']:.5f}", f"{r.get('top1', float('nan')):.2f}"]
+                     for r in picked]
+    return rows
+
+
+Bench.four_bit_rows = staticmethod(four_bit_rows)
+
+TYPE_COLOURS = {"Q4_0": "tab:blue", "Q4_K_M": "tab:green", "NVFP4": "tab:red", "MXFP4": "tab:orange",
+                "Q3_K_M": "tab:purple", "Q2_K": "tab:brown"}
+WHO_MARKERS = {"llama.cpp": "^", "llama.cpp-imatrix": "v", "ggml": "x", "llmq-rtn": "o", "llmq-imatrix": "P",
+               "llmq-awq": "D", "llmq-gptq": "X", "llmq-awq+gptq": "s"}
+
+
+def plot(results: list[dict], path: Path) -> Path:
+    """Mean KLD (log) against file size, one panel per checkpoint: colour = type, marker = quantizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    ckpts = [c for c in CHECKPOINTS if any(r["checkpoint"] == c for r in results)]
+    fig, axes = plt.subplots(1, len(ckpts), figsize=(7.5 * len(ckpts), 6), dpi=100, sharey=True, squeeze=False)
+    for ax, ckpt in zip(axes[0], ckpts):
+        for r in (r for r in results if r["checkpoint"] == ckpt):
+            colour = TYPE_COLOURS.get(r["type"], "tab:gray")
+            marker = WHO_MARKERS.get(r["who"], "o")
+            ax.scatter(r["mib"], r["kld_mean"], color=colour, marker=marker, s=60, zorder=3,
+                       edgecolors="black" if r["who"] == "llmq-awq+gptq" else None, linewidths=0.6)
+        ax.set_yscale("log")
+        ax.set_xlabel("file size (MiB)")
+        ax.set_title(f"{ckpt} checkpoint")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("mean KL divergence to the F16 GGUF (nats / token)")
+    present_types = [t for t in TYPE_COLOURS if any(r["type"] == t for r in results)]
+    present_who = [w for w in WHO_MARKERS if any(r["who"] == w for r in results)]
+    handles = [Line2D([], [], color=TYPE_COLOURS[t], marker="o", linestyle="", label=t) for t in present_types]
+    handles += [Line2D([], [], color="grey", marker=WHO_MARKERS[w], linestyle="", label=w.replace("llmq-", "llmq "))
+                for w in present_who]
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="upper right", ncol=2)
+    fig.suptitle("SmolLM2-135M-Instruct: quantization error against size (lower left is better)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def with_ext(stem: Path, ext: str) -> Path:
