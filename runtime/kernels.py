@@ -1074,6 +1074,12 @@ class _TypeKernels:
     min_offset: int = -1         # byte offset of the f16 block min for Q8_1 weight types (s correction), else -1
 
 
+# Q4_K/Q2_K matrices with rows % 8 == 0 are repacked by ggml-cpu; kernels_repack follows those kernels' order.
+from .kernels_repack import matmul_q2_k, matmul_q4_k, matvec_q2_k, matvec_q4_k  # noqa: E402  (uses the helpers above)
+
+# K-quant weights ggml-cpu does not repack go through its tiled matmul from 8 activation rows on.
+from .kernels_tiled import matmul_tiled_q3_k, matmul_tiled_q5_k, matmul_tiled_q6_k  # noqa: E402
+
 _TYPES: dict[QT, _TypeKernels] = {
     QT.F32: _TypeKernels(QT.F32, None, None, None, _roundtrip_f32),
     QT.F16: _TypeKernels(QT.F16, None, None, None, _roundtrip_f16),
@@ -1083,11 +1089,11 @@ _TYPES: dict[QT, _TypeKernels] = {
     QT.Q5_0: _TypeKernels(QT.Q8_0, _matvec_q5_0, _matmul_q5_0, _dequant_q5_0, _roundtrip_q8_0),
     QT.Q5_1: _TypeKernels(QT.Q8_1, _matvec_q5_1, None, _dequant_q5_1, _roundtrip_q8_1, min_offset=2),
     QT.Q8_0: _TypeKernels(QT.Q8_0, _matvec_q8_0, _matmul_q8_0, _dequant_q8_0, _roundtrip_q8_0),
-    QT.Q2_K: _TypeKernels(QT.Q8_K, _matvec_q2_k, None, _dequant_q2_k, _roundtrip_q8_k),
-    QT.Q3_K: _TypeKernels(QT.Q8_K, _matvec_q3_k, None, _dequant_q3_k, _roundtrip_q8_k),
-    QT.Q4_K: _TypeKernels(QT.Q8_K, _matvec_q4_k, None, _dequant_q4_k, _roundtrip_q8_k),
-    QT.Q5_K: _TypeKernels(QT.Q8_K, _matvec_q5_k, None, _dequant_q5_k, _roundtrip_q8_k),
-    QT.Q6_K: _TypeKernels(QT.Q8_K, _matvec_q6_k, None, _dequant_q6_k, _roundtrip_q8_k),
+    QT.Q2_K: _TypeKernels(QT.Q8_K, matvec_q2_k, matmul_q2_k, _dequant_q2_k, _roundtrip_q8_k),
+    QT.Q3_K: _TypeKernels(QT.Q8_K, _matvec_q3_k, matmul_tiled_q3_k, _dequant_q3_k, _roundtrip_q8_k),
+    QT.Q4_K: _TypeKernels(QT.Q8_K, matvec_q4_k, matmul_q4_k, _dequant_q4_k, _roundtrip_q8_k),
+    QT.Q5_K: _TypeKernels(QT.Q8_K, _matvec_q5_k, matmul_tiled_q5_k, _dequant_q5_k, _roundtrip_q8_k),
+    QT.Q6_K: _TypeKernels(QT.Q8_K, _matvec_q6_k, matmul_tiled_q6_k, _dequant_q6_k, _roundtrip_q8_k),
 }
 
 SUPPORTED_TYPES = frozenset(_TYPES)
