@@ -605,7 +605,7 @@ def _matvec_q4_1(w, x, f16):
 # out (block, element, row) and swept across all activation rows.
 
 _GEMM_ROWS = 64
-_KIND_Q4_0, _KIND_Q4_1, _KIND_Q5_0, _KIND_Q8_0 = 0, 1, 2, 3
+_KIND_Q4_0, _KIND_Q4_1, _KIND_Q5_0, _KIND_Q8_0, _KIND_Q5_1 = 0, 1, 2, 3, 4
 
 
 @_jit_inline
@@ -618,7 +618,7 @@ def _hsum8_col(lanes, i):
 @_jit
 def _unpack_row_q32(w, r, kind, f16, wq, wd, wm, i):
     """Weight row r of a 32-element block type into column i of wq (blocks, 32, rows) as float integers, its scales
-    into wd[:, i] and (Q4_1) its mins into wm[:, i]."""
+    into wd[:, i] and (Q4_1, Q5_1) its mins into wm[:, i]."""
     for b in range(w.shape[1]):
         wd[b, i] = _f16_at(w, r, b, 0, f16)
         if kind == _KIND_Q8_0:
@@ -630,6 +630,13 @@ def _unpack_row_q32(w, r, kind, f16, wq, wd, wm, i):
                 q = np.int32(w[r, b, 4 + e])
                 wq[b, e, i] = q & 15
                 wq[b, e + 16, i] = q >> 4
+        elif kind == _KIND_Q5_1:
+            wm[b, i] = _f16_at(w, r, b, 2, f16)
+            qh = _u32_at(w, r, b, 4)
+            for e in range(16):
+                q = np.int32(w[r, b, 8 + e])
+                wq[b, e, i] = (q & 15) | (((qh >> e) & 1) << 4)
+                wq[b, e + 16, i] = (q >> 4) | (((qh >> (e + 16)) & 1) << 4)
         elif kind == _KIND_Q5_0:
             qh = _u32_at(w, r, b, 2)
             for e in range(16):
@@ -648,7 +655,7 @@ def _gemm_q32(w, x, f16, kind, sequential):
     """x (n, cols) @ W.T for a 32-element block type `kind`; sequential=True: the repacked (one accumulator) order,
     else the 8-lane order."""
     n, nb, rows = x.shape[0], w.shape[1], w.shape[0]
-    with_min = kind == _KIND_Q4_1
+    with_min = kind == _KIND_Q4_1 or kind == _KIND_Q5_1
     xq = np.empty((n, nb, QK), np.float32)
     xd = np.empty((n, nb), np.float32)
     xs = np.zeros((n, nb), np.float32)
@@ -730,6 +737,10 @@ def _matmul_q4_0(w, x, f16):
 
 def _matmul_q4_1_lanes(w, x, f16):
     return _gemm_q32(w, x, f16, _KIND_Q4_1, False)
+
+
+def _matmul_q5_1_lanes(w, x, f16):  # like Q4_1: no batched kernel in ggml-cpu, every output is its AVX2 vec_dot
+    return _gemm_q32(w, x, f16, _KIND_Q5_1, False)
 
 
 def _matmul_q5_0(w, x, f16):
@@ -1087,7 +1098,7 @@ _TYPES: dict[QT, _TypeKernels] = {
     QT.Q4_0: _TypeKernels(QT.Q8_0, _matvec_q4_0, _matmul_q4_0, _dequant_q4_0, _roundtrip_q8_0),
     QT.Q4_1: _TypeKernels(QT.Q8_1, _matvec_q4_1, _matmul_q4_1_lanes, _dequant_q4_1, _roundtrip_q8_1, min_offset=2),
     QT.Q5_0: _TypeKernels(QT.Q8_0, _matvec_q5_0, _matmul_q5_0, _dequant_q5_0, _roundtrip_q8_0),
-    QT.Q5_1: _TypeKernels(QT.Q8_1, _matvec_q5_1, None, _dequant_q5_1, _roundtrip_q8_1, min_offset=2),
+    QT.Q5_1: _TypeKernels(QT.Q8_1, _matvec_q5_1, _matmul_q5_1_lanes, _dequant_q5_1, _roundtrip_q8_1, min_offset=2),
     QT.Q8_0: _TypeKernels(QT.Q8_0, _matvec_q8_0, _matmul_q8_0, _dequant_q8_0, _roundtrip_q8_0),
     QT.Q2_K: _TypeKernels(QT.Q8_K, matvec_q2_k, matmul_q2_k, _dequant_q2_k, _roundtrip_q8_k),
     QT.Q3_K: _TypeKernels(QT.Q8_K, _matvec_q3_k, matmul_tiled_q3_k, _dequant_q3_k, _roundtrip_q8_k),

@@ -293,19 +293,20 @@ def test_prefill_rounds_like_llama_cpp_batched_product(qtype, rows, rng):
     np.testing.assert_array_equal(y, R.matmul_order_ref(data, qtype, (rows, cols), x))
 
 
-def test_prefill_q4_1_is_ggml_vec_dot_bit_for_bit(ggml_cpu, rng):
-    """Q4_1 has no batched kernel in ggml-cpu: every output of a batch is ggml_vec_dot_q4_1_q8_1."""
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q5_1], ids=lambda t: t.name)
+def test_prefill_q4_1_q5_1_are_ggml_vec_dot_bit_for_bit(qtype, ggml_cpu, rng):
+    """Q4_1/Q5_1 have no batched kernel in ggml-cpu: every output of a batch is ggml_vec_dot_q{4,5}_1_q8_1."""
     rows, cols = 16, 1024
-    data = np.ascontiguousarray(random_weights(QT.Q4_1, rows, cols, rng)).view(np.uint8).reshape(rows, -1)
+    data = np.ascontiguousarray(random_weights(qtype, rows, cols, rng)).view(np.uint8).reshape(rows, -1)
     x = random_activations(rng, (5, cols))
-    traits = ggml_cpu.ggml_get_type_traits_cpu(int(QT.Q4_1)).contents
+    traits = ggml_cpu.ggml_get_type_traits_cpu(int(qtype)).contents
     vec_dot = VEC_DOT(traits.vec_dot)
     expected = np.zeros((5, rows), np.float32)
     for t in range(5):
         xq = ggml_quantize_activation(ggml_cpu, QT.Q8_1, x[t])
         for r in range(rows):
             vec_dot(cols, expected[t, r:].ctypes.data, 0, data[r].ctypes.data, 0, xq.ctypes.data, 0, 1)
-    np.testing.assert_array_equal(K.matmul(K.QTensor(data, QT.Q4_1, (rows, cols)), x), expected)
+    np.testing.assert_array_equal(K.matmul(K.QTensor(data, qtype, (rows, cols)), x), expected)
 
 
 def test_swiglu_and_expf_are_ggml_bit_for_bit(ggml_cpu, rng):
