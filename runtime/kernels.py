@@ -47,6 +47,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from llmq.errors import LlmqError
@@ -294,8 +295,8 @@ def _dot_q4_0(wr, xq, xsum, xd, f16):
     for b in range(wr.shape[0]):
         s = np.int32(0)
         for l in range(16):
-            q = wr[b, 2 + l]
-            s += np.int32(q & np.uint8(15)) * np.int32(xq[b, l]) + np.int32(q >> np.uint8(4)) * np.int32(xq[b, l + 16])
+            q = np.int32(wr[b, 2 + l])
+            s = np.int32(s + (q & 15) * np.int32(xq[b, l]) + (q >> 4) * np.int32(xq[b, l + 16]))
         d = f16[np.int64(wr[b, 0]) | (np.int64(wr[b, 1]) << 8)]
         acc += np.float32(s - 8 * xsum[b]) * (d * xd[b])
     return acc
@@ -361,8 +362,8 @@ def _dot_q5_0(wr, xq, xsum, xd, f16):
         s = np.int32(0)
         for l in range(16):
             q = np.int32(wr[b, 6 + l])
-            s += (((q & 15) | (((qh >> l) & 1) << 4)) * np.int32(xq[b, l])
-                  + ((q >> 4) | (((qh >> (l + 16)) & 1) << 4)) * np.int32(xq[b, l + 16]))
+            s = np.int32(s + ((q & 15) | (((qh >> l) & 1) << 4)) * np.int32(xq[b, l])
+                         + ((q >> 4) | (((qh >> (l + 16)) & 1) << 4)) * np.int32(xq[b, l + 16]))
         d = f16[np.int64(wr[b, 0]) | (np.int64(wr[b, 1]) << 8)]
         acc += np.float32(s - 16 * xsum[b]) * (d * xd[b])
     return acc
@@ -529,6 +530,120 @@ def _dot_q6_k(w, r, xq, xd, f16):
     return acc
 
 
+# 16 rows at a time (Q4_0, Q5_0, Q8_0): the same integer block sums and the same float operations per row as the
+# _dot_* functions above, but as LLVM vector code over 16 rows. Each row's 32 products are first summed to 16 int32
+# pairs; then the 16 rows' vectors are folded into one vector holding one sum per row (four rounds of shuffles and
+# adds, ~1 instruction a row), and the float update acc += float(s - offset*xsum) * (d * xd) runs in 16 lanes, one
+# lane per row. The per-row horizontal sum and scalar tail of the plain loops cost ~2/3 of their time.
+
+
+def _fold_rows(builder, vectors):
+    """16 <16 x i32> vectors (one per row) -> one <16 x i32>, lane k = the sum of vector k's lanes."""
+    i32 = ir.IntType(32)
+    group = 16
+    while len(vectors) > 1:
+        half = group // 2
+        lo = [g * group + i for g in range(32 // group) for i in range(half)]
+        hi = [g * group + half + i for g in range(32 // group) for i in range(half)]
+        vectors = [builder.add(builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 16), lo)),
+                               builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 16), hi)))
+                   for a, b in zip(vectors[0::2], vectors[1::2])]
+        group = half
+    return vectors[0]
+
+
+def _make_dot_rows16(kind):
+    """An intrinsic (w, r0, xq, xsum, xd, out, o): out[o + k] = _dot_<kind>(w[r0 + k], xq, xsum, xd) for k < 16."""
+
+    @intrinsic
+    def dot_rows16(typingctx, w, r0, xq, xsum, xd, out, o):
+        sig = types.void(w, types.int64, xq, xsum, xd, out, types.int64)
+
+        def codegen(context, builder, signature, args):
+            w_t, _, xq_t, xsum_t, xd_t, out_t, _ = signature.args
+            w_v, r0_v, xq_v, xsum_v, xd_v, out_v, o_v = args
+            i8, i16, i32, i64, f32 = (ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64),
+                                      ir.FloatType())
+            w_a = context.make_array(w_t)(context, builder, w_v)
+            xq_a = context.make_array(xq_t)(context, builder, xq_v)
+            row_stride, block_stride = (builder.extract_value(w_a.strides, k) for k in (0, 1))
+            nb = builder.extract_value(w_a.shape, 1)
+            w_base = builder.gep(builder.bitcast(w_a.data, i8.as_pointer()), [builder.mul(r0_v, row_stride)])
+            xq_base = builder.bitcast(xq_a.data, i8.as_pointer())
+            xq_row_stride = builder.extract_value(xq_a.strides, 0)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(ir.VectorType(f32, 16), [0.0] * 16))
+
+            def load(ptr, ty, align=1):
+                return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=align)
+
+            def scalar(arr_t, arr_v, index):
+                a = context.make_array(arr_t)(context, builder, arr_v)
+                return builder.load(builder.gep(a.data, [index]))
+
+            def const_vec(ty, values):
+                return ir.Constant(ir.VectorType(ty, len(values)), values)
+
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                x = load(builder.gep(xq_base, [builder.mul(b, xq_row_stride)]), ir.VectorType(i8, 32))
+                x16 = builder.sext(x, ir.VectorType(i16, 32))
+                sums, scales = [], ir.Constant(ir.VectorType(i16, 16), None)
+                for k in range(16):
+                    block = builder.gep(w_base, [builder.add(builder.mul(ir.Constant(i64, k), row_stride),
+                                                             builder.mul(b, block_stride))])
+                    scales = builder.insert_element(scales, load(block, i16), ir.Constant(i32, k))
+                    if kind == _KIND_Q8_0:
+                        q16 = builder.sext(load(builder.gep(block, [ir.Constant(i64, 2)]), ir.VectorType(i8, 32)),
+                                           ir.VectorType(i16, 32))
+                    else:
+                        qs = load(builder.gep(block, [ir.Constant(i64, 2 if kind == _KIND_Q4_0 else 6)]),
+                                  ir.VectorType(i8, 16))
+                        lo = builder.and_(qs, const_vec(i8, [15] * 16))
+                        hi = builder.lshr(qs, const_vec(i8, [4] * 16))
+                        q16 = builder.zext(builder.shuffle_vector(lo, hi, const_vec(i32, list(range(32)))),
+                                           ir.VectorType(i16, 32))
+                        if kind == _KIND_Q5_0:  # bit j of qh is the fifth bit of element j
+                            qh = load(builder.gep(block, [ir.Constant(i64, 2)]), i32)
+                            qh32 = builder.shuffle_vector(
+                                builder.insert_element(ir.Constant(ir.VectorType(i32, 32), None), qh,
+                                                       ir.Constant(i32, 0)),
+                                ir.Constant(ir.VectorType(i32, 32), None), const_vec(i32, [0] * 32))
+                            bits = builder.lshr(qh32, const_vec(i32, list(range(32))))
+                            bits = builder.and_(bits, const_vec(i32, [1] * 32))
+                            q16 = builder.or_(q16, builder.shl(builder.trunc(bits, ir.VectorType(i16, 32)),
+                                                               const_vec(i16, [4] * 32)))
+                    p = builder.sext(builder.mul(q16, x16), ir.VectorType(i32, 32))  # |q*x| <= 31*128 or 127*128
+                    pairs = builder.add(builder.shuffle_vector(p, p, const_vec(i32, list(range(0, 32, 2)))),
+                                        builder.shuffle_vector(p, p, const_vec(i32, list(range(1, 32, 2)))))
+                    sums.append(pairs)
+                s = _fold_rows(builder, sums)
+                if kind != _KIND_Q8_0:  # the unsigned values' offset (8 or 16) times the activation block sum
+                    offset = builder.mul(scalar(xsum_t, xsum_v, b), ir.Constant(i32, 8 if kind == _KIND_Q4_0 else 16))
+                    offset = builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(ir.VectorType(i32, 16), None), offset, ir.Constant(i32, 0)),
+                        ir.Constant(ir.VectorType(i32, 16), None), const_vec(i32, [0] * 16))
+                    s = builder.sub(s, offset)
+                d = builder.fpext(builder.bitcast(scales, ir.VectorType(ir.HalfType(), 16)), ir.VectorType(f32, 16))
+                xd_b = scalar(xd_t, xd_v, b)
+                xd16 = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(ir.VectorType(f32, 16), None), xd_b, ir.Constant(i32, 0)),
+                    ir.Constant(ir.VectorType(f32, 16), None), const_vec(i32, [0] * 16))
+                term = builder.fmul(builder.sitofp(s, ir.VectorType(f32, 16)), builder.fmul(d, xd16))
+                builder.store(builder.fadd(builder.load(acc), term), acc)
+            out_a = context.make_array(out_t)(context, builder, out_v)
+            dst = builder.bitcast(builder.gep(out_a.data, [o_v]), ir.VectorType(f32, 16).as_pointer())
+            builder.store(builder.load(acc), dst, align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return dot_rows16
+
+
+_KIND_Q4_0, _KIND_Q4_1, _KIND_Q5_0, _KIND_Q8_0, _KIND_Q5_1 = 0, 1, 2, 3, 4
+_dot_rows16_q4_0 = _make_dot_rows16(_KIND_Q4_0)
+_dot_rows16_q5_0 = _make_dot_rows16(_KIND_Q5_0)
+_dot_rows16_q8_0 = _make_dot_rows16(_KIND_Q8_0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Decode kernels (x: one float32 row): quantise the activation once, then rows in parallel.
 
@@ -542,7 +657,10 @@ def _matvec_q4_0(w, x, f16):
     _quantize_q8_0_cpu(x, xq, xd)
     xsum = _block_sums(xq)
     out = np.empty(w.shape[0], np.float32)
-    for r in prange(w.shape[0]):
+    n16 = w.shape[0] // 16
+    for task in prange(n16):
+        _dot_rows16_q4_0(w, 16 * task, xq, xsum, xd, out, 16 * task)
+    for r in range(16 * n16, w.shape[0]):
         out[r] = _dot_q4_0(w[r], xq, xsum, xd, f16)
     return out
 
@@ -554,7 +672,10 @@ def _matvec_q5_0(w, x, f16):
     _quantize_q8_0_cpu(x, xq, xd)
     xsum = _block_sums(xq)
     out = np.empty(w.shape[0], np.float32)
-    for r in prange(w.shape[0]):
+    n16 = w.shape[0] // 16
+    for task in prange(n16):
+        _dot_rows16_q5_0(w, 16 * task, xq, xsum, xd, out, 16 * task)
+    for r in range(16 * n16, w.shape[0]):
         out[r] = _dot_q5_0(w[r], xq, xsum, xd, f16)
     return out
 
@@ -565,7 +686,10 @@ def _matvec_q8_0(w, x, f16):
     xd = np.empty(w.shape[1], np.float32)
     _quantize_q8_0_cpu(x, xq, xd)
     out = np.empty(w.shape[0], np.float32)
-    for r in prange(w.shape[0]):
+    n16 = w.shape[0] // 16
+    for task in prange(n16):
+        _dot_rows16_q8_0(w, 16 * task, xq, xd, xd, out, 16 * task)  # (no activation sums: xd passed in their place)
+    for r in range(16 * n16, w.shape[0]):
         out[r] = _dot_q8_0(w, r, xq, xd, f16)
     return out
 
@@ -605,7 +729,6 @@ def _matvec_q4_1(w, x, f16):
 # out (block, element, row) and swept across all activation rows.
 
 _GEMM_ROWS = 64
-_KIND_Q4_0, _KIND_Q4_1, _KIND_Q5_0, _KIND_Q8_0, _KIND_Q5_1 = 0, 1, 2, 3, 4
 
 
 @_jit_inline
@@ -1170,10 +1293,9 @@ def _as_rows(x: np.ndarray, cols: int, what: str) -> np.ndarray:
     return x
 
 
-# A decode step is ~200 small matrix-vector products of 20-200 us each. Waking numba's thread pool for each costs
-# more than it saves, and on a loaded machine one descheduled worker stalls the whole product (measured: a 576x576
-# Q8_0 product took 6 ms with 2 threads under load, 0.12 ms with 1). Only the large matrices (the output) go parallel.
-_PARALLEL_MATVEC_BYTES = 4 << 20
+# The fused decode step (decode.py) runs its products on all threads itself; this is for the op-by-op path (other
+# cache types, biases, hooks). Waking the sleeping workers costs ~5 us, more than it saves on the smallest products.
+_PARALLEL_MATVEC_BYTES = 256 << 10
 _SERIAL: dict = {}
 
 
@@ -1367,6 +1489,14 @@ def dequantize_rows(blocks: np.ndarray, qtype: QT) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Threads
+
+
+# libgomp (numba's "omp" threading layer) lets idle workers spin between parallel regions unless told otherwise. On a
+# machine with other busy processes a spinning worker then holds the core the thread it waits for needs, and every
+# parallel region costs a scheduler tick: an empty 2-thread region took 8 ms instead of 5 us (one other busy process
+# on 2 cores), a decode step ~1 s instead of 25 ms. Sleeping workers cost a few microseconds to wake. libgomp reads
+# this when numba first starts its threads (set_num_threads below), so it is set before that; a user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _physical_cores() -> int:

@@ -12,14 +12,14 @@ to the cache's "vec_dot type" (ggml CPU backend, flash attention off, as llama-c
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from llmq.errors import LlmqError
 
-from .kernels import _fma, _round_f16
+from .kernels import _fma
 
 CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0")
 QK = 32  # values per q8_0 / q4_0 block
@@ -165,6 +165,51 @@ def f16_to_f32(x: np.ndarray) -> np.ndarray:
     return out
 
 
+# IEEE half conversions as single LLVM instructions (fpext / fptrunc, round to nearest even: F16C's vcvtph2ps /
+# vcvtps2ph, which LLVM vectorises), and exact powers of two for ggml_expf.
+
+
+@intrinsic
+def half_to_f32(typingctx, bits):
+    """uint16 half bits -> float32 (exact)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def f32_to_half(typingctx, x):
+    """float32 -> uint16 bits of the nearest half (numpy's astype(float16), GGML_FP32_TO_FP16)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return sig, codegen
+
+
+@intrinsic
+def round_half(typingctx, x):
+    """float32 -> the float32 value of the nearest half (kernels._round_f16 in two instructions)."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def _pow2_f64(typingctx, n):
+    """2.0**n as float64 for an int64 n in [-1022, 1023], built from its exponent bits."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        bits = builder.shl(builder.add(args[0], ir.Constant(ir.IntType(64), 1023)), ir.Constant(ir.IntType(64), 52))
+        return builder.bitcast(bits, ir.DoubleType())
+    return sig, codegen
+
+
 # ------------------------------------------------------------------------------- attention as llama.cpp computes it
 # With an f16 cache (flash attention off) ggml computes KQ and KQV as f16 x f16 matrix products in llamafile's
 # tinyBLAS (AVX512: 16 float lanes, lane i accumulating elements i, i+16, ... in order, then _mm512_reduce_add_ps),
@@ -210,7 +255,7 @@ def ggml_expf(x):
              _fma(_EXPF_FFFFECPM1, b, np.float32(1.0)))
     if abs(n) > 192:
         return np.float32(0.0) if n <= 0 else np.float32(np.inf)
-    return np.float32(math.ldexp(np.float64(j), int(n)))
+    return np.float32(np.float64(j) * _pow2_f64(np.int64(n)))  # j * 2^n exact in float64, rounded once
 
 
 @njit(cache=True, parallel=True)
@@ -278,7 +323,7 @@ def _attend_f16_kernel(q, keys_t, values, scale, pos0, kv_heads, out):
             total += np.float64(_reduce_add_16(chunk))
         inv = np.float32(1.0 / total)
         for j in range(visible):
-            scores[j] = _round_f16(scores[j] * inv)  # probabilities converted to f16 for the product with V
+            scores[j] = round_half(scores[j] * inv)  # probabilities converted to f16 for the product with V
         mix = np.zeros((_LANES, d), np.float32)  # mix[i, e]: lane i of output e; rows of V read contiguously
         for j in range(visible):
             p = scores[j]

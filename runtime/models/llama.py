@@ -25,7 +25,7 @@ from numba import njit
 
 from llmq.errors import LlmqError
 
-from ..kvcache import attend_f16, mix_dense, scores_dense, swiglu
+from ..kvcache import mix_dense, scores_dense, swiglu
 
 # llama.cpp's llama_model_rope_type(): these architectures rotate (x[i], x[i + d/2]) pairs ("NEOX"); llama-type
 # GGUFs rotate adjacent (x[2i], x[2i+1]) pairs ("NORM") because convert_hf_to_gguf permutes their q/k rows.
@@ -246,9 +246,10 @@ class Attention:
         q, k = self.rope(q, positions), self.rope(k, positions)
 
         if EXACT_ATTENTION and cache is not None and cache.type_k == cache.type_v == "f16" and d % 16 == 0:
+            from ..decode import attend_f16_cache
+
             cache.store(self.layer, pos, k.reshape(n, KV * d), v.reshape(n, KV * d))
-            L = pos + n
-            out = attend_f16(q, cache.keys(self.layer, L), cache.values(self.layer, L), self.scale, pos, KV)
+            out = attend_f16_cache(q, cache.k[self.layer].data, cache.v[self.layer].data, self.scale, pos, KV)
             return self.wo(out)
         qh = q.reshape(n, KV, G, d).transpose(1, 2, 0, 3)          # (KV, G, n, d)
         if cache is None:  # calibration / stateless use: attend within this batch only
@@ -401,6 +402,12 @@ class Model:
             return self.output(self.norm(h if all_logits else h[-1:]))
         if cache.pos + tokens.size > cache.n_ctx:
             raise LlmqError(f"context is full: {cache.pos} + {tokens.size} tokens > n_ctx {cache.n_ctx}")
+        if tokens.size == 1:
+            step = self._fused_decode_step(cache)
+            if step is not None:  # one numba call per layer, bit-identical to the loop below
+                h = step(self.embed(tokens)[0], cache)
+                cache.pos += 1
+                return self.output(self.norm(h[None, :]))
         outputs = []
         for start in range(0, tokens.size, PREFILL_CHUNK):
             chunk = tokens[start : start + PREFILL_CHUNK]
@@ -413,6 +420,17 @@ class Model:
             if all_logits or start + PREFILL_CHUNK >= tokens.size:
                 outputs.append(self.output(self.norm(h)))
         return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _fused_decode_step(self, cache):
+        """runtime.decode.DecodeStep for this model and cache when it applies (built again if weights changed)."""
+        from ..decode import DecodeStep
+
+        if not DecodeStep.supports(self, cache):
+            return None
+        step = getattr(self, "_decode_step", None)
+        if step is None or not step.matches(self):
+            step = self._decode_step = DecodeStep(self)
+        return step
 
 
 def _linear(weights: Mapping[str, Any], prefix: str) -> Linear:
