@@ -12,6 +12,8 @@ and KL(llama.cpp || native) per file. Writes bench/results/parity.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import subprocess
 import sys
 import tempfile
@@ -59,6 +61,28 @@ def parity(path: Path, text: str, chunks: int, threads: int) -> ev.KLDResult:
         return ev.evaluate(ev.engine_logits_fn(native), chunk_list, kld_base=base)
 
 
+def runtime_source_hash() -> str:
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "runtime").rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:8]
+
+
+def cached_parity(path: Path, text: str, chunks: int, threads: int) -> dict:
+    """parity() of a file, cached next to it by file size/mtime, chunk count and the runtime's source hash."""
+    st = path.stat()
+    key = {"size": st.st_size, "mtime": st.st_mtime, "chunks": chunks, "runtime_src": runtime_source_hash()}
+    cache = path.with_suffix(f".parity{chunks}.json")
+    if cache.is_file():
+        found = json.loads(cache.read_text())
+        if found.get("key") == key:
+            return found["result"]
+    r = parity(path, text, chunks, threads)
+    result = {f: getattr(r, f) for f in ("n_tokens", "top1", "kld_mean", "kld_p99", "kld_max", "ppl_base", "ppl")}
+    cache.write_text(json.dumps({"key": key, "result": result}, indent=1))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", default=BOTH_MAKERS, help="files made by llama-quantize and by llmq convert")
@@ -71,10 +95,11 @@ def main() -> None:
     jobs = [(t, False) for t in args.types.split(",") if t] + [(t, True) for t in args.ours_only.split(",") if t]
     for ftype, ours_only in jobs:
         for maker, path in files_for(ftype, hf, ours_only).items():
-            r = parity(path, text, args.chunks, args.threads)
-            ok = r.top1 >= 0.99 and r.kld_mean <= 1e-3
-            rows.append([ftype, maker, r.n_tokens, f"{100 * r.top1:.2f}%", f"{r.kld_mean:.2e}", f"{r.kld_p99:.2e}",
-                         f"{r.kld_max:.2e}", f"{r.ppl_base:.4f}", f"{r.ppl:.4f}", "yes" if ok else "**no**"])
+            r = cached_parity(path, text, args.chunks, args.threads)
+            ok = r["top1"] >= 0.99 and r["kld_mean"] <= 1e-3
+            rows.append([ftype, maker, r["n_tokens"], f"{100 * r['top1']:.2f}%", f"{r['kld_mean']:.2e}",
+                         f"{r['kld_p99']:.2e}", f"{r['kld_max']:.2e}", f"{r['ppl_base']:.4f}", f"{r['ppl']:.4f}",
+                         "yes" if ok else "**no**"])
             print(rows[-1], flush=True)
             write(rows)  # after every file, so a long run leaves a table behind
 
