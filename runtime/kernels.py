@@ -52,6 +52,8 @@ from numba.extending import intrinsic
 
 from llmq.errors import LlmqError
 
+from .gemm_int8 import HAVE_VNNI, gemm_tile16, pack_activation
+
 QK = 32
 QK_K = 256
 
@@ -723,12 +725,14 @@ def _matvec_q4_1(w, x, f16):
 # exactly like quantize_row_q8_0). The K-quants are not mirrored: their batched product is ggml-cpu/tiled (a tiled
 # K-quant matmul with its own order), so they keep the dequantise + BLAS path below.
 #
-# The integer block sums are computed in float32: every partial sum of at most 32 int8 x int8 products is an integer
-# below 2^24, so float arithmetic gives it exactly in any order, and the loops vectorise over a tile of weight rows
-# with FMAs instead of widening integer multiplies. A tile of weight rows is unpacked once into float32 integers laid
-# out (block, element, row) and swept across all activation rows.
+# The integer block sums are exact in any order, so only the float operations after them have to be ggml's. _gemm_q32
+# computes them with AVX512-VNNI int8 dot products (runtime/gemm_int8.py: one vpdpbusd is one lane's sum of 4
+# products for 16 weight rows; ~5x the float version below on SmolLM2's shapes). _gemm_q32_float, its reference
+# (and MXFP4's kernel, kernels_fp4), computes them in float32: every partial sum of at most 32 int8 x int8 products
+# is an integer below 2^24, so float arithmetic gives it exactly in any order; a tile of weight rows is unpacked once
+# into float32 integers laid out (block, element, row) and swept across all activation rows.
 
-_GEMM_ROWS = 64
+_GEMM_ROWS = 16  # gemm_int8.TILE
 
 
 @_jit_inline
@@ -773,10 +777,73 @@ def _unpack_row_q32(w, r, kind, f16, wq, wd, wm, i):
                 wq[b, e + 16, i] = (q >> 4) - 8
 
 
+@_jit
+def _unpack_row_vnni(w, r, kind, f16, wv, wd, wm, i):
+    """Weight row r into row i of a gemm_int8 tile: wv[b, l, i, k] = 128 + the value of element 4l+k of block b (the
+    values _unpack_row_q32 gives, as unsigned bytes), wd[b, i] its scale, (Q4_1, Q5_1) wm[b, i] its min."""
+    for b in range(w.shape[1]):
+        wd[b, i] = _f16_at(w, r, b, 0, f16)
+        if kind == _KIND_Q8_0:
+            for e in range(QK):
+                wv[b, e >> 2, i, e & 3] = w[r, b, 2 + e] ^ 0x80  # the int8's bits + 128
+        elif kind == _KIND_Q4_1 or kind == _KIND_Q5_1:
+            wm[b, i] = _f16_at(w, r, b, 2, f16)
+            qh = _u32_at(w, r, b, 4) if kind == _KIND_Q5_1 else np.uint32(0)
+            o = 8 if kind == _KIND_Q5_1 else 4
+            for e in range(16):
+                q = np.int32(w[r, b, o + e])
+                wv[b, e >> 2, i, e & 3] = 128 + ((q & 15) | (((qh >> e) & 1) << 4))
+                wv[b, 4 + (e >> 2), i, e & 3] = 128 + ((q >> 4) | (((qh >> (e + 16)) & 1) << 4))
+        elif kind == _KIND_Q5_0:
+            qh = _u32_at(w, r, b, 2)
+            for e in range(16):
+                q = np.int32(w[r, b, 6 + e])
+                wv[b, e >> 2, i, e & 3] = 112 + ((q & 15) | (((qh >> e) & 1) << 4))
+                wv[b, 4 + (e >> 2), i, e & 3] = 112 + ((q >> 4) | (((qh >> (e + 16)) & 1) << 4))
+        else:
+            for e in range(16):
+                q = np.int32(w[r, b, 2 + e])
+                wv[b, e >> 2, i, e & 3] = 120 + (q & 15)
+                wv[b, 4 + (e >> 2), i, e & 3] = 120 + (q >> 4)
+
+
 @_kernel(parallel=True)
-def _gemm_q32(w, x, f16, kind, sequential):
+def _gemm_q32_vnni(w, x, f16, kind, sequential):
     """x (n, cols) @ W.T for a 32-element block type `kind`; sequential=True: the repacked (one accumulator) order,
-    else the 8-lane order."""
+    else the 8-lane order. The integer block sums are VNNI int8 dots (gemm_int8), the float operations
+    _gemm_q32_tile's."""
+    n, nb, rows = x.shape[0], w.shape[1], w.shape[0]
+    with_min = kind == _KIND_Q4_1 or kind == _KIND_Q5_1
+    xq = np.empty((n, nb * QK), np.int8)
+    xc = np.empty((n, nb, 8), np.int32)
+    xcs = np.empty((n, nb), np.int32)
+    xd = np.empty((n, nb), np.float32)
+    xs = np.zeros((n, nb), np.float32)
+    for t in prange(n):
+        qs = np.empty((nb, QK), np.int8)
+        if with_min:
+            _quantize_q8_1_cpu(x[t], qs, xd[t], xs[t])
+        else:
+            _quantize_q8_0_cpu(x[t], qs, xd[t])
+        pack_activation(qs, xq[t], xc[t], xcs[t])
+    out = np.empty((n, rows), np.float32)
+    n_tasks = (rows + _GEMM_ROWS - 1) // _GEMM_ROWS
+    for task in prange(n_tasks):
+        r0 = task * _GEMM_ROWS
+        m = min(_GEMM_ROWS, rows - r0)
+        wv = np.full((nb, 8, _GEMM_ROWS, 4), 128, np.uint8)  # rows past the end: zeros; their outputs are dropped
+        wd = np.zeros((nb, _GEMM_ROWS), np.float32)
+        wm = np.zeros((nb, _GEMM_ROWS), np.float32)
+        for i in range(m):
+            _unpack_row_vnni(w, r0 + i, kind, f16, wv, wd, wm, i)
+        out[:, r0:r0 + m] = gemm_tile16(xq, xc, xcs, xd, xs, wv, wd, wm, sequential, with_min)[:, :m]
+    return out
+
+
+@_kernel(parallel=True)
+def _gemm_q32_float(w, x, f16, kind, sequential):
+    """_gemm_q32_vnni with the integer block sums in float32 (_gemm_q32_tile), ~5x slower: the reference it is tested
+    against, and _gemm_q32 on CPUs without VNNI."""
     n, nb, rows = x.shape[0], w.shape[1], w.shape[0]
     with_min = kind == _KIND_Q4_1 or kind == _KIND_Q5_1
     xq = np.empty((n, nb, QK), np.float32)
@@ -792,12 +859,11 @@ def _gemm_q32(w, x, f16, kind, sequential):
             for e in range(QK):
                 xq[t, b, e] = qs[b, e]
     out = np.empty((n, rows), np.float32)
-    n_tasks = (rows + _GEMM_ROWS - 1) // _GEMM_ROWS
-    for task in prange(n_tasks):
-        r0 = task * _GEMM_ROWS
-        m = min(_GEMM_ROWS, rows - r0)
-        wq = np.zeros((nb, QK, m), np.float32)  # the row count comes from a shape, not a constant: LLVM then
-        wd = np.zeros((nb, m), np.float32)       # vectorises the row loops instead of unrolling them
+    for task in prange((rows + 63) // 64):
+        r0 = task * 64
+        m = min(64, rows - r0)
+        wq = np.zeros((nb, QK, m), np.float32)
+        wd = np.zeros((nb, m), np.float32)
         wm = np.zeros((nb, m), np.float32)
         for i in range(m):
             _unpack_row_q32(w, r0 + i, kind, f16, wq, wd, wm, i)
@@ -852,6 +918,9 @@ def _gemm_q32_tile(xq, xd, xs, wq, wd, wm, sequential, with_min, out):
         else:
             for i in range(m):
                 o[i] = _hsum8_col(lanes, i)
+
+
+_gemm_q32 = _gemm_q32_vnni if HAVE_VNNI else _gemm_q32_float
 
 
 def _matmul_q4_0(w, x, f16):
