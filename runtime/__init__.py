@@ -22,6 +22,7 @@ def load_gguf(path, *, n_ctx: int | None = None, cache_type_k: str = "f16", cach
     for name, cache_type in (("cache_type_k", cache_type_k), ("cache_type_v", cache_type_v)):
         if cache_type not in CACHE_TYPES:
             raise LlmqError(f"{name} {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
+    _numba_target_without_scipy()
     if threads is not None:
         from . import kernels
 
@@ -43,6 +44,25 @@ def load_gguf(path, *, n_ctx: int | None = None, cache_type_k: str = "f16", cach
         model.n_ctx = n_ctx
     model.cache_type_k, model.cache_type_v = cache_type_k, cache_type_v
     return model
+
+
+def _numba_target_without_scipy() -> None:
+    """Build numba's CPU target (done once, before the first kernel is compiled or loaded from its cache) with
+    scipy.linalg hidden. Building it imports numba.np.arraymath, which imports scipy.linalg only to decide whether
+    np.correlate/np.convolve inside numba code may call BLAS: ~13 MB resident (scipy.linalg and its LAPACK/BLAS
+    libraries) that the runtime never uses. Without it numba takes its own loop for those two functions; np.dot and
+    np.linalg in numba code still import scipy.linalg when they are compiled."""
+    import sys
+
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return  # already imported (by the caller or an earlier target build): nothing to save
+    from numba.core.registry import cpu_target
+
+    sys.modules["scipy.linalg"] = None  # `import scipy.linalg...` raises ImportError
+    try:
+        cpu_target.target_context.refresh()
+    finally:
+        del sys.modules["scipy.linalg"]
 
 
 __all__ = ["load_gguf", "KVCache", "CACHE_TYPES", "read_metadata", "open_gguf", "open_layout", "tensors",
