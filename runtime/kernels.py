@@ -26,10 +26,11 @@ and the activation formats (kept as separate arrays here, not packed):
 Decode (`matvec`) is a fused numba kernel per type: rows in parallel, each row a float32 sum over blocks of
 (weight scale * activation scale) * integer block dot, as ggml's `ggml_vec_dot_*` (ggml-cpu/quants.c; the generic
 order, or for the 32-element 4/5-bit types 8 float lanes like the AVX2 code).
-Prefill (`matmul`) follows llama.cpp's batched products bit for bit where it has a kernel for them (Q4_0, Q4_1, Q5_0,
-Q8_0: see "Prefill kernels" below); the other types quantise the activations the same way, turn them back into exact
-floats (d*q), dequantise tiles of weight rows and let BLAS do the products: mathematically the same sums, only the
-float rounding order differs. On SmolLM2 any difference in rounding order, even of one ulp in one product, grows
+Prefill (`matmul`) follows llama.cpp's batched products on x86 bit for bit: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 here (see
+"Prefill kernels" below; integer sums through AVX512-VNNI in gemm_int8.py), Q4_K/Q2_K in kernels_repack.py (ggml's
+repacked GEMM), the other K-quants in kernels_tiled.py (ggml-cpu's tiled matmul), NVFP4/MXFP4 in kernels_fp4.py.
+F32/F16/BF16 quantise the activations the same way, turn them back into exact floats and let BLAS do the products:
+mathematically the same sums, only the float rounding order differs. On SmolLM2 any difference in rounding order, even of one ulp in one product, grows
 through the layers (each matmul re-quantises its input) into ~3e-3 KLD and ~96% top-1 agreement, as large as
 llama.cpp's own flash-attention on/off or batched/token-by-token differences: parity needs the same order.
 """
