@@ -216,6 +216,13 @@ class Bench:
             notes += ["", "## FP4 types (baseline: ggml's own encoder, ggml_quantize_chunk, on the tensors llmq quantizes)", "",
                       "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
                       *["| " + " | ".join(r) + " |" for r in tables["fp4"]]]
+        fp4_summary = fp4_acceptance(results)
+        if fp4_summary:
+            notes += ["", "## FP4 acceptance (NVFP4 issue, line 2): our best FP4 file against its ggml-encoder baseline "
+                      "(<= 0.7x) and, for NVFP4, against llama-quantize's Q4_0 with imatrix (KLD <=, size <= 1.01x)", "",
+                      "| checkpoint | type | best | mean KLD | x baseline | Q4_0 imatrix KLD | size vs Q4_0 imatrix | meets |",
+                      "|---|---|---|---|---|---|---|---|",
+                      *["| " + " | ".join(r) + " |" for r in fp4_summary]]
         four_bit = self.four_bit_rows(results)
         if four_bit:
             png = RESULTS / f"{a.name}.png"
@@ -230,6 +237,32 @@ class Bench:
                  f"{a.calib_len} tokens, evaluation {a.chunks * 255:,} scored tokens)")
         write_table(a.name, title, headers,
                     tables["int"], notes)
+
+
+def fp4_acceptance(results: list[dict]) -> list[list[str]]:
+    rows = []
+    for ckpt in CHECKPOINTS:
+        for ftype in FP4_TYPES:
+            group = [r for r in results if r["checkpoint"] == ckpt and r["type"] == ftype]
+            base = next((r for r in group if r["who"] == "ggml"), None)
+            ours = [r for r in group if r["who"].startswith("llmq-")]
+            if base is None or not ours:
+                continue
+            best = min(ours, key=lambda r: r["kld_mean"])
+            ratio = best["kld_mean"] / base["kld_mean"]
+            ok = ratio <= MAX_VS_PLAIN
+            q4 = next((r for r in results if r["checkpoint"] == ckpt and r["type"] == "Q4_0"
+                       and r["who"] == "llama.cpp-imatrix"), None)
+            q4_kld = q4_size = ""
+            if ftype == "NVFP4":
+                if q4 is None:
+                    ok = False
+                else:
+                    q4_kld, q4_size = f"{q4['kld_mean']:.5f}", f"{best['mib'] / q4['mib']:.3f}"
+                    ok = ok and best["kld_mean"] <= q4["kld_mean"] and best["mib"] <= MAX_SIZE * q4["mib"]
+            rows.append([ckpt, ftype, best["who"].replace("llmq-", "llmq "), f"{best['kld_mean']:.5f}",
+                         f"{ratio:.2f}", q4_kld, q4_size, "yes" if ok else "no"])
+    return rows
 
 
 FOUR_BIT = ("Q4_0", "Q4_K_M", "NVFP4", "MXFP4")
