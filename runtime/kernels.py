@@ -1566,6 +1566,7 @@ def dequantize_rows(blocks: np.ndarray, qtype: QT) -> np.ndarray:
 # parallel region costs a scheduler tick: an empty 2-thread region took 8 ms instead of 5 us (one other busy process
 # on 2 cores), a decode step ~1 s instead of 25 ms. Sleeping workers cost a few microseconds to wake. libgomp reads
 # this when numba first starts its threads (set_num_threads below), so it is set before that; a user's value wins.
+OMP_WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ  # llamacpp_engine undoes it for llama.cpp's own threads
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -17,6 +17,16 @@ from .generate import Engine
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type ids for type_k / type_v
 
 
+def _restore_omp_wait_policy() -> None:
+    """runtime.kernels asks libgomp for sleeping workers (OMP_WAIT_POLICY=PASSIVE) for numba's threads; llama.cpp's
+    ggml-cpu uses libgomp too and must run with its own default, so the variable is dropped again before llama_cpp
+    loads libgomp (a value the user set stays)."""
+    from . import kernels
+
+    if kernels.OMP_WAIT_POLICY_SET_HERE and os.environ.get("OMP_WAIT_POLICY") == "PASSIVE":
+        del os.environ["OMP_WAIT_POLICY"]
+
+
 class LlamaCppTokenizer:
     """llama.cpp's own tokenizer behind the runtime.tokenizer interface."""
 
@@ -48,6 +58,7 @@ class LlamaCppEngine(Engine):
 
     def __init__(self, model_path, *, n_ctx: int | None = None, threads: int | None = None,
                  cache_type_k: str = "f16", cache_type_v: str = "f16", logits_all: bool = True):
+        _restore_omp_wait_policy()
         try:
             import llama_cpp
         except ImportError as e:
