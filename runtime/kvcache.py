@@ -8,7 +8,9 @@ llama.cpp's attention does not only store K/V at this precision, it also rounds 
 to the cache's "vec_dot type" (ggml CPU backend, flash attention off, as llama-cpp-python runs by default):
   - Q.K: q is converted to f16 for an f16 K cache and quantised to q8_0 for a q8_0/q4_0 K cache;
   - P.V: the softmax probabilities are converted to f16 for an f16 V cache.
-`round_query` and `round_probs` apply the same roundings so the native logits track llama.cpp's."""
+`round_query` and `round_probs` apply the same roundings so the native logits track llama.cpp's (on the dense path:
+models/llama.py runs f16, q8_0 and q4_0 caches through `attend_f16`, llama.cpp's f16-cache attention, with quantised
+rows dequantised first, so there q keeps f16 precision for every cache type)."""
 
 from __future__ import annotations
 

@@ -168,8 +168,11 @@ CACHE_PAIRS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16
 
 @pytest.mark.parametrize("type_k,type_v", CACHE_PAIRS, ids=[f"{k}-{v}" for k, v in CACHE_PAIRS])
 def test_kv_cache_types_track_llamacpp(tiny_gguf, type_k, type_v):
-    """Each cache type moves the logits away from the exact (f32 cache) ones, and llama.cpp's logits move the same
-    way: native stays within a few 1e-3 of llama.cpp while the quantised caches are 0.1..2 away from exact."""
+    """Each cache type moves the logits away from the exact (f32 cache) ones. With an f16 K cache llama.cpp's logits
+    move the same way: native stays within a few 1e-3 of llama.cpp while the quantised V caches are 0.1..2 away
+    from exact. With a quantised K cache llama.cpp also rounds q to q8_0 for its dot products and native keeps q at
+    f16 precision: native is then closer to exact than llama.cpp (clearly so for q8_0, whose rounding of q is as
+    large as that of the keys), and no further from llama.cpp than llama.cpp is from exact."""
     from runtime.llamacpp_engine import LlamaCppEngine
 
     path, _ = tiny_gguf("llama-head32")
@@ -184,11 +187,19 @@ def test_kv_cache_types_track_llamacpp(tiny_gguf, type_k, type_v):
     got = np.concatenate([model.forward(tokens[:50], cache)] +
                          [model.forward(tokens[i : i + 1], cache) for i in range(50, N_TOKENS)])
     to_llamacpp, to_exact = np.abs(got - ref).max(), np.abs(got - exact).max()
-    assert to_llamacpp <= 0.01
-    coarsest = "q4_0" if "q4_0" in (type_k, type_v) else "q8_0" if "q8_0" in (type_k, type_v) else "f16"
     print(f"{type_k}/{type_v}: max |native - llama.cpp| {to_llamacpp:.1e}, max |native - exact| {to_exact:.1e}")
-    assert to_exact > {"q4_0": 20, "q8_0": 10, "f16": 1.2}[coarsest] * to_llamacpp
-    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    if type_k == "f16":
+        assert to_llamacpp <= 0.01
+        coarsest = "q4_0" if type_v == "q4_0" else "f16"
+        assert to_exact > {"q4_0": 20, "f16": 1.2}[coarsest] * to_llamacpp
+        assert (got.argmax(-1) == ref.argmax(-1)).all()
+    else:
+        rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+        native_err, llamacpp_err = rms(got - exact), rms(ref - exact)
+        print(f"  rms to exact: native {native_err:.4f}, llama.cpp {llamacpp_err:.4f}; between them "
+              f"{rms(got - ref):.4f}")
+        assert native_err <= llamacpp_err * (0.9 if type_k == "q8_0" else 1.05)
+        assert rms(got - ref) <= llamacpp_err
 
     a = model.args
     bytes_per_value = {"f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}

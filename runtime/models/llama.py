@@ -25,7 +25,7 @@ from numba import njit
 
 from llmq.errors import LlmqError
 
-from ..kvcache import mix_dense, scores_dense, swiglu
+from ..kvcache import attend_f16, mix_dense, scores_dense, swiglu
 
 # llama.cpp's llama_model_rope_type(): these architectures rotate (x[i], x[i + d/2]) pairs ("NEOX"); llama-type
 # GGUFs rotate adjacent (x[2i], x[2i+1]) pairs ("NORM") because convert_hf_to_gguf permutes their q/k rows.
@@ -245,11 +245,19 @@ class Attention:
         positions = np.arange(pos, pos + n)
         q, k = self.rope(q, positions), self.rope(k, positions)
 
-        if EXACT_ATTENTION and cache is not None and cache.type_k == cache.type_v == "f16" and d % 16 == 0:
-            from ..decode import attend_f16_cache
-
+        if EXACT_ATTENTION and cache is not None and "f32" not in (cache.type_k, cache.type_v) and d % 16 == 0:
             cache.store(self.layer, pos, k.reshape(n, KV * d), v.reshape(n, KV * d))
-            out = attend_f16_cache(q, cache.k[self.layer].data, cache.v[self.layer].data, self.scale, pos, KV)
+            if cache.type_k == cache.type_v == "f16":
+                from ..decode import attend_f16_cache
+
+                out = attend_f16_cache(q, cache.k[self.layer].data, cache.v[self.layer].data, self.scale, pos, KV)
+            else:
+                # q8_0 / q4_0 rows go through the same products and softmax once dequantised. q stays at f16
+                # precision instead of being quantised to q8_0 like llama.cpp's vec_dot does: that rounding is as
+                # large as the cache's own, and dropping it cuts the KLD against the f16 cache by 40%
+                # (bench/results/runtime.md).
+                out = attend_f16(q, cache.keys(self.layer, pos + n), cache.values(self.layer, pos + n), self.scale,
+                                 pos, KV)
             return self.wo(out)
         qh = q.reshape(n, KV, G, d).transpose(1, 2, 0, 3)          # (KV, G, n, d)
         if cache is None:  # calibration / stateless use: attend within this batch only
