@@ -51,9 +51,12 @@ _Q4_K, _Q2_K = 0, 1
 # per kind: sub-blocks per block (each with its own scale and min), elements per gemm group
 _SUBS = (8, 16)
 _GROUP = (64, 128)
-# float32 group sums (groups x activation rows x weight rows) per tile: kept between calls (see _scratch), so this
-# is resident memory; 16 MiB was no faster than 4 for a 512-token prefill. Results do not depend on it.
-_TILE_BYTES = 4 << 20
+# float32 group sums (groups x activation rows x weight rows) per tile, and the tile's unpacked weight rows (rows x
+# columns): kept between calls (see _scratch), so this is resident memory, part of the runtime's peak RSS. Per
+# 256-token prefill chunk (SmolLM2's 576x1536 Q4_K), tiles of 4 / 2 / 1 MiB took 20 / 21 / 26 ms (16 MiB was no
+# faster than 4 for 512 tokens). Results do not depend on either.
+_TILE_BYTES = 2 << 20
+_WQ_BYTES = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,7 +230,10 @@ def _matmul(w: np.ndarray, x: np.ndarray, f16: np.ndarray, kind: int) -> np.ndar
     group = _GROUP[kind]
     groups = nb * QK_K // group
     n_subs = _SUBS[kind]
-    tile = max(REPACK_ROWS, min(rows, _TILE_BYTES // (4 * n * groups)) // REPACK_ROWS * REPACK_ROWS)
+    # wq is bounded too: a short batch (e.g. a 16-token warm-up) would otherwise take a tile of all rows and keep a
+    # whole matrix unpacked in float32 resident
+    tile = min(rows, _TILE_BYTES // (4 * n * groups), _WQ_BYTES // (4 * nb * QK_K))
+    tile = max(REPACK_ROWS, tile // REPACK_ROWS * REPACK_ROWS)
     xq = _scratch("xq", (n, nb * QK_K))
     p = _scratch("p", (groups, n, min(tile, rows)))
     wq = _scratch("wq", (min(tile, rows), nb * QK_K))
