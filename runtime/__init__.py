@@ -23,10 +23,9 @@ def load_gguf(path, *, n_ctx: int | None = None, cache_type_k: str = "f16", cach
         if cache_type not in CACHE_TYPES:
             raise LlmqError(f"{name} {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
     _numba_target_without_scipy()
-    if threads is not None:
-        from . import kernels
+    from . import kernels
 
-        kernels.set_num_threads(threads)
+    kernels.set_num_threads(threads if threads is not None else kernels.physical_cores())
     reader = open_layout(path)
     meta = read_metadata(reader)
     module = model_module(meta.get("general.architecture", "?"))

@@ -1565,12 +1565,15 @@ def dequantize_rows(blocks: np.ndarray, qtype: QT) -> np.ndarray:
 # machine with other busy processes a spinning worker then holds the core the thread it waits for needs, and every
 # parallel region costs a scheduler tick: an empty 2-thread region took 8 ms instead of 5 us (one other busy process
 # on 2 cores), a decode step ~1 s instead of 25 ms. Sleeping workers cost a few microseconds to wake. libgomp reads
-# this when numba first starts its threads (set_num_threads below), so it is set before that; a user's value wins.
+# this once, when it is loaded: when numba first starts its threads (runtime.load_gguf's set_num_threads, or the
+# first parallel kernel), so it is set before that; a user's value wins. The threads are not started at import:
+# llama.cpp's ggml-cpu shares the process's libgomp, and a process that imports the runtime only to drive llama.cpp
+# (the llama.cpp engine, bench/runtime.py's llama.cpp child) must leave it to llama.cpp with its own default.
 OMP_WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ  # llamacpp_engine undoes it for llama.cpp's own threads
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _physical_cores() -> int:
+def physical_cores() -> int:
     try:
         cpus = os.sched_getaffinity(0)
     except AttributeError:
@@ -1611,9 +1614,6 @@ def _set_blas_threads(n: int) -> None:
             if fn is not None:
                 fn(ctypes.c_int(n))
                 return
-
-
-set_num_threads(_physical_cores())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
