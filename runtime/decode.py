@@ -27,14 +27,25 @@ from .kernels import (QK, QK_K, _block_sums, _dot_q2_k, _dot_q3_k, _dot_q4_0, _d
                       _dot_rows16_q8_0, _jit, _kernel, _quantize_q8_0_cpu,
                       _quantize_q8_1_cpu, _quantize_q8_k)
 from .kvcache import _reduce_add_16, f32_to_half, ggml_expf, round_half
+from . import isa as _isa
+from .kernels_avx2 import _dot_vec_q4_0, _dot_vec_q4_0_repacked, _dot_vec_q5_0, _dot_vec_q8_0
+
+_AVX2_DOTS = _isa.LEVEL == "avx2"  # Q4_0/Q5_0/Q8_0 in ggml-cpu's AVX2 order (kernels_avx2.py)
+from . import kernels_kquant_avx2 as _kq_avx2
+from .kernels_kquant_avx2 import dot_q2_k_avx2, dot_q3_k_avx2, dot_q5_k_avx2, dot_q6_k_avx2
+
+_AVX2_KQUANT = _kq_avx2.ACTIVE  # Q2_K/Q3_K/Q5_K/Q6_K: ggml_vec_dot_q*_K_q8_K's AVX2 order (kernels_kquant_avx2.py)
 
 # Weight type -> (code in the fused kernel, the matvec kernel whose per-row results it reproduces).
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = range(10)
-_CODES = {QT.Q4_0: (_Q4_0, kernels._matvec_q4_0), QT.Q4_1: (_Q4_1, kernels._matvec_q4_1),
-          QT.Q5_0: (_Q5_0, kernels._matvec_q5_0), QT.Q5_1: (_Q5_1, kernels._matvec_q5_1),
-          QT.Q8_0: (_Q8_0, kernels._matvec_q8_0), QT.Q2_K: (_Q2_K, kernels._matvec_q2_k),
+# (kernels._TYPES[...].matvec: on AVX2 the Q4_0/Q5_0/Q8_0 ones are kernels_avx2's, mirrored below under _AVX2_DOTS)
+_CODES = {QT.Q4_0: (_Q4_0, kernels._TYPES[QT.Q4_0].matvec), QT.Q4_1: (_Q4_1, kernels._matvec_q4_1),
+          QT.Q5_0: (_Q5_0, kernels._TYPES[QT.Q5_0].matvec), QT.Q5_1: (_Q5_1, kernels._matvec_q5_1),
+          QT.Q8_0: (_Q8_0, kernels._TYPES[QT.Q8_0].matvec), QT.Q2_K: (_Q2_K, kernels._matvec_q2_k),
           QT.Q3_K: (_Q3_K, kernels._matvec_q3_k), QT.Q4_K: (_Q4_K, kernels._matvec_q4_k),
           QT.Q5_K: (_Q5_K, kernels._matvec_q5_k), QT.Q6_K: (_Q6_K, kernels._matvec_q6_k)}
+if _AVX2_KQUANT:  # their matvec kernels are kernels_kquant_avx2's there (Q4_K: repacked gemv, not fused)
+    _CODES.update({qt: (_CODES[qt][0], mv) for qt, mv in _kq_avx2.FUSED_MATVECS.items()})
 _ROWS_PER_TASK = 16
 _LANES = 16
 
@@ -159,7 +170,18 @@ def _dot_rows(w, code, r0, r1, act, f16, out, o0):
     matvec kernel computes it (one branch per run of rows, so each loop is the kernel's own)."""
     q8_0, d8_0, sum8_0, q8_1, d8_1, s8_1, q8_k, d8_k, bsums8_k = act
     o = o0 - r0
-    if code == _Q4_0 or code == _Q8_0 or code == _Q5_0:
+    if (code == _Q4_0 or code == _Q8_0 or code == _Q5_0) and _AVX2_DOTS:  # kernels_avx2's matvec, row by row
+        repacked = w.shape[0] % 8 == 0  # Q4_0: ggml's repacked gemv order
+        for r in range(r0, r1):
+            if code == _Q8_0:
+                out[o + r] = _dot_vec_q8_0(w, r, q8_0, d8_0)
+            elif code == _Q5_0:
+                out[o + r] = _dot_vec_q5_0(w, r, q8_0, d8_0)
+            elif repacked:
+                out[o + r] = _dot_vec_q4_0_repacked(w, r, q8_0, d8_0)
+            else:
+                out[o + r] = _dot_vec_q4_0(w, r, q8_0, d8_0)
+    elif code == _Q4_0 or code == _Q8_0 or code == _Q5_0:
         r = r0
         while r + 16 <= r1:  # kernels.py's 16-row kernels, as its matvec uses them
             if code == _Q4_0:
@@ -183,6 +205,18 @@ def _dot_rows(w, code, r0, r1, act, f16, out, o0):
                 out[o + r] = _dot_q4_1(w, r, q8_1, d8_1, s8_1, f16, lanes)
             else:
                 out[o + r] = _dot_q5_1(w, r, q8_1, d8_1, s8_1, f16, lanes)
+    elif _AVX2_KQUANT and code != _Q4_K:  # K-quants as kernels_kquant_avx2's matvec kernels
+        lanes = np.empty(8, np.float32)
+        prod = np.empty(QK_K, np.int32)
+        for r in range(r0, r1):
+            if code == _Q6_K:
+                out[o + r] = dot_q6_k_avx2(w, r, q8_k, d8_k, bsums8_k, f16, lanes, prod)
+            elif code == _Q5_K:
+                out[o + r] = dot_q5_k_avx2(w, r, q8_k, d8_k, bsums8_k, f16, lanes, prod)
+            elif code == _Q3_K:
+                out[o + r] = dot_q3_k_avx2(w, r, q8_k, d8_k, bsums8_k, f16, lanes, prod)
+            else:
+                out[o + r] = dot_q2_k_avx2(w, r, q8_k, d8_k, bsums8_k, f16, lanes, prod)
     elif code == _Q4_K:
         for r in range(r0, r1):
             out[o + r] = _dot_q4_k(w, r, q8_k, d8_k, bsums8_k, f16)
@@ -354,6 +388,13 @@ def attend_f16_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, sc
     _attend_cached(q16, k_cache.view(np.uint16), v_cache.view(np.uint16), pos0, n_heads, n_kv_heads, d,
                    np.float32(scale), out)
     return out.reshape(n, n_heads * d)
+
+
+# AVX2 machines: ggml's 8-lane tinyBLAS (2+ tokens) / ggml_vec_dot_f16 (one token) orders, runtime/avx2_attention.py
+from . import isa  # noqa: E402
+
+if isa.LEVEL == "avx2":
+    from .avx2_attention import attend_f16_cache, attend_head_vec_dot as _attend_head  # noqa: E402,F811
 
 
 @_jit

@@ -1306,6 +1306,30 @@ SUPPORTED_TYPES = frozenset(_TYPES)
 from .kernels_fp4 import FP4_KERNELS  # noqa: E402  (built from the helpers above)
 
 _TYPES.update(FP4_KERNELS)
+
+# On an AVX2 build of ggml-cpu the decode products of Q4_0/Q5_0/Q8_0 (ggml_vec_dot_*_q8_0 / the repacked Q4_0 gemv)
+# are summed in the prefill kernels' order, not the one-sum-per-block order of the matvec kernels above: kernels_avx2
+# has them (and explains what ggml runs for each n there), and the prefill products in the same float order as
+# _gemm_q32 with AVX2 integer sums (_gemm_q32_float otherwise, without VNNI). Q4_1/Q5_1 are already ggml's AVX2 code.
+from . import isa  # noqa: E402
+
+if isa.LEVEL == "avx2":
+    from . import kernels_avx2  # noqa: E402
+
+    for _qt, _mv, _mm in ((QT.Q4_0, kernels_avx2._matvec_q4_0, kernels_avx2.matmul_q4_0),
+                          (QT.Q5_0, kernels_avx2._matvec_q5_0, kernels_avx2.matmul_q5_0),
+                          (QT.Q8_0, kernels_avx2._matvec_q8_0, kernels_avx2.matmul_q8_0)):
+        _TYPES[_qt] = _TypeKernels(_TYPES[_qt].act_type, _mv, _mm, _TYPES[_qt].dequant, _TYPES[_qt].roundtrip,
+                                   _TYPES[_qt].min_offset)
+
+# K-quants on an AVX2 build: ggml_vec_dot_q*_K_q8_K's 8-lane order for decode and batches below 8 rows, no Q2_K
+# repack (AVX512 only); see kernels_kquant_avx2.
+if isa.LEVEL == "avx2":
+    from .kernels_kquant_avx2 import AVX2_KQUANT  # noqa: E402
+
+    for _qt, (_mv, _mm) in AVX2_KQUANT.items():
+        _TYPES[_qt] = _TypeKernels(_TYPES[_qt].act_type, _mv, _mm, _TYPES[_qt].dequant, _TYPES[_qt].roundtrip,
+                                   _TYPES[_qt].min_offset)
 _DENSE_DTYPES = {QT.F32: np.float32, QT.F16: np.uint16, QT.BF16: np.uint16}
 
 

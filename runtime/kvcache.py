@@ -350,3 +350,10 @@ def attend_f16(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float
     keys_t = np.ascontiguousarray(np.asarray(keys, np.float32).reshape(-1, kv_heads, d).transpose(1, 2, 0))
     kernel(q16, keys_t, np.ascontiguousarray(values), np.float32(scale), pos0, kv_heads, out)
     return out
+
+
+# On an AVX2 machine ggml-cpu runs its AVX2 variants (8-lane sums, another ggml_v_expf): mirror those instead.
+from . import isa  # noqa: E402
+
+if isa.LEVEL == "avx2":
+    from .avx2_attention import attend_f16, ggml_expf, swiglu  # noqa: E402,F401,F811

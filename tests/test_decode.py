@@ -11,7 +11,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from numba import njit
 
-from runtime import decode, kernels, kvcache
+from runtime import decode, isa, kernels, kvcache
 from runtime.models import llama
 
 DIM, HIDDEN, VOCAB = 256, 512, 300  # multiples of 256: the K-quant types fit every matrix
@@ -139,6 +139,30 @@ def _scalar_references(x, rounded, expf):
             expf[i] = np.float32(math.ldexp(np.float64(j), int(n)))
 
 
+@njit
+def _scalar_references_avx2(x, rounded, expf):
+    """The same for ggml_v_expf's AVX2 variant (what kvcache.ggml_expf is on an AVX2 machine): its j ends in c1 * b
+    (no + 1), and j * 2^n is fma(k, j, k) = k * (1 + j) rounded once, or for |n| > 126 (1 + j) * 2^(n - m) rounded,
+    then times s1 = 2^m (m = -125 for n <= 0, else 127), or s1 * s1 above |n| = 192."""
+    K = kvcache
+    for i in range(x.size):
+        rounded[i] = kernels._round_f16(x[i])
+        r = K._EXPF_8P23
+        n = kernels._fma(x[i], K._EXPF_715476PP0, r) - r
+        b = kernels._fma(-n, K._EXPF_7F7D1CPM20, kernels._fma(-n, K._EXPF_62E4PM1, x[i]))
+        u = b * b
+        j = kernels._fma(kernels._fma(kernels._fma(K._EXPF_0E4020PM7, b, K._EXPF_573E2EPM5), u,
+                                      kernels._fma(K._EXPF_555E66PM3, b, K._EXPF_FFFDB6PM2)), u,
+                         K._EXPF_FFFFECPM1 * b)
+        m = -125 if n <= 0 else 127
+        if not abs(n) > 126:
+            expf[i] = np.float32(math.ldexp(np.float64(j) + 1.0, int(n)))
+        elif abs(n) > 192:
+            expf[i] = np.float32(math.ldexp(1.0, m)) * np.float32(math.ldexp(1.0, m))
+        else:
+            expf[i] = np.float32(math.ldexp(np.float64(j) + 1.0, int(n) - m)) * np.float32(math.ldexp(1.0, m))
+
+
 def test_half_and_exp_helpers_match_scalar_code():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
@@ -149,7 +173,7 @@ def test_half_and_exp_helpers_match_scalar_code():
     rounded, bits, back, expf = (np.empty_like(x), np.empty(x.size, np.uint16), np.empty_like(x), np.empty_like(x))
     _half_helpers(x, rounded, bits, back, expf)
     ref_rounded, ref_expf = np.empty_like(x), np.empty_like(x)
-    _scalar_references(x, ref_rounded, ref_expf)
+    (_scalar_references_avx2 if isa.LEVEL == "avx2" else _scalar_references)(x, ref_rounded, ref_expf)
     with np.errstate(over="ignore"):
         assert np.array_equal(bits, x.astype(np.float16).view(np.uint16))
     assert np.array_equal(back, bits.view(np.float16).astype(np.float32))
@@ -187,8 +211,10 @@ def test_sixteen_row_decode_kernels_equal_the_per_row_dots(qtype, kind):
         x = rng.standard_normal(cols).astype(np.float32) * rng.uniform(0.1, 10, cols).astype(np.float32)
         x[:32] = np.where(np.arange(32) % 2, 3.0, -3.0)
         expected = _per_row(w._view, x, kernels.F16_TO_F32, kind)
-        assert np.array_equal(kernels.matvec(w, x), expected)
-        assert np.array_equal(kernels._TYPES[qtype].matvec(w._view, x, kernels.F16_TO_F32), expected)
+        sixteen = {QT.Q4_0: kernels._matvec_q4_0, QT.Q5_0: kernels._matvec_q5_0, QT.Q8_0: kernels._matvec_q8_0}[qtype]
+        assert np.array_equal(sixteen(w._view, x, kernels.F16_TO_F32), expected)
+        if kernels._TYPES[qtype].matvec is sixteen:  # (on AVX2 matvec is kernels_avx2's: tests/test_kernels_avx2.py)
+            assert np.array_equal(kernels.matvec(w, x), expected)
 
 
 @pytest.mark.parametrize("pos0,n", [(0, 40), (13, 21), (57, 1)])

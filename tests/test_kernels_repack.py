@@ -42,6 +42,17 @@ def ggml_cpu():
     return open_ggml_cpu(path)
 
 
+@pytest.fixture(autouse=True)
+def repack_dispatch(monkeypatch):
+    """kernels.py dispatches Q4_K/Q2_K to this module's entry points, except on an AVX2 build, where ggml does not
+    repack Q2_K and runs the AVX2 vec_dot for unrepacked matrices (kernels_kquant_avx2, tested against ggml in
+    test_kernels_kquant_avx2.py): these tests put this module's entry points back, so they test it on any CPU."""
+    import dataclasses
+
+    for qtype, matvec, matmul in ((QT.Q4_K, KR.matvec_q4_k, KR.matmul_q4_k), (QT.Q2_K, KR.matvec_q2_k, KR.matmul_q2_k)):
+        monkeypatch.setitem(K._TYPES, qtype, dataclasses.replace(K._TYPES[qtype], matvec=matvec, matmul=matmul))
+
+
 def random_weights(qtype: QT, rows: int, cols: int, rng) -> np.ndarray:
     block_bytes = GGML_QUANT_SIZES[qtype][1]
     data = rng.integers(0, 256, (rows, cols // QK_K, block_bytes), dtype=np.uint8)
