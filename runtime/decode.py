@@ -29,8 +29,9 @@ from .kernels import (QK, QK_K, _block_sums, _dot_q2_k, _dot_q3_k, _dot_q4_0, _d
 from .kvcache import _reduce_add_16, f32_to_half, ggml_expf, round_half
 from . import isa as _isa
 from .kernels_avx2 import _dot_vec_q4_0, _dot_vec_q4_0_repacked, _dot_vec_q5_0, _dot_vec_q8_0
+from .kernels_avx2 import dot_q5_1 as _dot_q5_1_avx2
 
-_AVX2_DOTS = _isa.LEVEL == "avx2"  # Q4_0/Q5_0/Q8_0 in ggml-cpu's AVX2 order (kernels_avx2.py)
+_AVX2_DOTS = _isa.LEVEL == "avx2"  # Q4_0/Q5_0/Q8_0/Q5_1 in ggml-cpu's AVX2 order (kernels_avx2.py)
 from . import kernels_kquant_avx2 as _kq_avx2
 from .kernels_kquant_avx2 import dot_q2_k_avx2, dot_q3_k_avx2, dot_q5_k_avx2, dot_q6_k_avx2
 
@@ -38,9 +39,9 @@ _AVX2_KQUANT = _kq_avx2.ACTIVE  # Q2_K/Q3_K/Q5_K/Q6_K: ggml_vec_dot_q*_K_q8_K's 
 
 # Weight type -> (code in the fused kernel, the matvec kernel whose per-row results it reproduces).
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = range(10)
-# (kernels._TYPES[...].matvec: on AVX2 the Q4_0/Q5_0/Q8_0 ones are kernels_avx2's, mirrored below under _AVX2_DOTS)
+# (kernels._TYPES[...].matvec: on AVX2 the Q4_0/Q5_0/Q8_0/Q5_1 ones are kernels_avx2's, mirrored below under _AVX2_DOTS)
 _CODES = {QT.Q4_0: (_Q4_0, kernels._TYPES[QT.Q4_0].matvec), QT.Q4_1: (_Q4_1, kernels._matvec_q4_1),
-          QT.Q5_0: (_Q5_0, kernels._TYPES[QT.Q5_0].matvec), QT.Q5_1: (_Q5_1, kernels._matvec_q5_1),
+          QT.Q5_0: (_Q5_0, kernels._TYPES[QT.Q5_0].matvec), QT.Q5_1: (_Q5_1, kernels._TYPES[QT.Q5_1].matvec),
           QT.Q8_0: (_Q8_0, kernels._TYPES[QT.Q8_0].matvec), QT.Q2_K: (_Q2_K, kernels._matvec_q2_k),
           QT.Q3_K: (_Q3_K, kernels._matvec_q3_k), QT.Q4_K: (_Q4_K, kernels._matvec_q4_k),
           QT.Q5_K: (_Q5_K, kernels._matvec_q5_k), QT.Q6_K: (_Q6_K, kernels._matvec_q6_k)}
@@ -203,6 +204,8 @@ def _dot_rows(w, code, r0, r1, act, f16, out, o0):
         for r in range(r0, r1):
             if code == _Q4_1:
                 out[o + r] = _dot_q4_1(w, r, q8_1, d8_1, s8_1, f16, lanes)
+            elif _AVX2_DOTS:  # ggml_vec_dot_q5_1_q8_1's AVX2 order (kernels_avx2.dot_q5_1)
+                out[o + r] = _dot_q5_1_avx2(w, r, q8_1, d8_1, s8_1, f16, lanes)
             else:
                 out[o + r] = _dot_q5_1(w, r, q8_1, d8_1, s8_1, f16, lanes)
     elif _AVX2_KQUANT and code != _Q4_K:  # K-quants as kernels_kquant_avx2's matvec kernels

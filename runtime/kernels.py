@@ -1310,7 +1310,9 @@ _TYPES.update(FP4_KERNELS)
 # On an AVX2 build of ggml-cpu the decode products of Q4_0/Q5_0/Q8_0 (ggml_vec_dot_*_q8_0 / the repacked Q4_0 gemv)
 # are summed in the prefill kernels' order, not the one-sum-per-block order of the matvec kernels above: kernels_avx2
 # has them (and explains what ggml runs for each n there), and the prefill products in the same float order as
-# _gemm_q32 with AVX2 integer sums (_gemm_q32_float otherwise, without VNNI). Q4_1/Q5_1 are already ggml's AVX2 code.
+# _gemm_q32 with AVX2 integer sums (_gemm_q32_float otherwise, without VNNI). Q4_1 is already ggml's AVX2 code, and
+# so is Q5_1's prefill (_gemm_q32 in Q4_1's lane order); Q5_1's decode dot (_dot_q5_1, a different lane order, kept on
+# AVX512) is replaced by kernels_avx2._matvec_q5_1 (ggml_vec_dot_q5_1_q8_1's AVX2 order; matmul uses it for n < 4).
 from . import isa  # noqa: E402
 
 if isa.LEVEL == "avx2":
@@ -1318,7 +1320,8 @@ if isa.LEVEL == "avx2":
 
     for _qt, _mv, _mm in ((QT.Q4_0, kernels_avx2._matvec_q4_0, kernels_avx2.matmul_q4_0),
                           (QT.Q5_0, kernels_avx2._matvec_q5_0, kernels_avx2.matmul_q5_0),
-                          (QT.Q8_0, kernels_avx2._matvec_q8_0, kernels_avx2.matmul_q8_0)):
+                          (QT.Q8_0, kernels_avx2._matvec_q8_0, kernels_avx2.matmul_q8_0),
+                          (QT.Q5_1, kernels_avx2._matvec_q5_1, _TYPES[QT.Q5_1].matmul)):
         _TYPES[_qt] = _TypeKernels(_TYPES[_qt].act_type, _mv, _mm, _TYPES[_qt].dequant, _TYPES[_qt].roundtrip,
                                    _TYPES[_qt].min_offset)
 

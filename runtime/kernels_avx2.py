@@ -16,8 +16,9 @@ each product there (ggml-cpu.c ggml_compute_forward_mul_mat, repack.cpp, llamafi
                         Both: 8 float lanes (__m256) per output, lane l = elements 4l..4l+3 of each block
                         (maddubs + madd), lane = fma(d_w * d_x, float(lane sum), lane), then hsum_float_8
                         ((hi128 + lo128), then (0+2) + (1+3)). The two are the same float operations.
-  Q4_1 (and Q5_1)       no tinyBLAS case and no x86 repack: ggml_vec_dot_q4_1_q8_1 for every output, any n; its
-                        AVX2 order is kernels._dot_q4_1 (8 lanes + a scalar fma sum of m_w * s_x).
+  Q4_1 and Q5_1         no tinyBLAS case and no x86 repack: ggml_vec_dot_q{4,5}_1_q8_1 for every output, any n; their
+                        AVX2 order is kernels._dot_q4_1 (8 lanes + a scalar fma sum of m_w * s_x) and dot_q5_1 below
+                        (the same order; kernels._dot_q5_1 is not it). Prefill: kernels._gemm_q32 (already that order).
 
 The integer sums are exact (no int16 saturation is reachable: |w| <= 16 for Q4_0/Q5_0, |x| <= 127 for Q8_0
 activations), so only the float order above matters. That order is the one kernels.py's prefill kernels
@@ -42,7 +43,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .kernels import (QK, _f16_at, _fma, _hsum_float_8, _int8_at, _jit_inline, _kernel, _quantize_q8_0_cpu,
-                      _u32_at)
+                      _quantize_q8_1_cpu, _u32_at)
 
 _ROWS_PER_TASK = 16
 
@@ -270,6 +271,52 @@ def _matvec_q4_0(w, x, f16):
                 out[r] = _dot_vec_q4_0_repacked(w, r, xq, xd)
             else:
                 out[r] = _dot_vec_q4_0(w, r, xq, xd)
+    return out
+
+
+# Q5_1: ggml_vec_dot_q5_1_q8_1 (arch/x86/quants.c, __AVX2__) for every output, any n (no tinyBLAS case, no x86
+# repack). kernels._dot_q5_1 (kept for the AVX512 builds) sums lane l over elements l, l+8, l+16, l+24 with a
+# multiply-add; ggml's AVX2 code is the Q4_1 order (kernels._dot_q4_1): bytes_from_nibbles_32 puts the low nibbles
+# at elements 0-15 and the high ones at 16-31, the qh bit j (bytes_from_bits_32 & 0x10) is or'ed into element j,
+# mul_sum_us8_pairs_float gives lane l = elements 4l..4l+3 (maddubs + madd, exact: |v| <= 31, |x| <= 127),
+# acc = fma(q, d_w * d_x, acc), summs += m_w * s_x (GCC contracts it to an fma), hsum_float_8(acc) + summs.
+
+
+@_jit_inline
+def dot_q5_1(w, r, xq, xd, xs, f16, lanes):
+    """ggml_vec_dot_q5_1_q8_1, x86 AVX2 order bit for bit (see above)."""
+    for lane in range(8):
+        lanes[lane] = 0
+    mins = np.float32(0.0)
+    for b in range(w.shape[1]):
+        scale = _f16_at(w, r, b, 0, f16) * xd[b]
+        mins = _fma(_f16_at(w, r, b, 2, f16), xs[b], mins)
+        qh = _u32_at(w, r, b, 4)
+        for l in range(4):
+            lo = np.int32(0)
+            hi = np.int32(0)
+            for k in range(4):
+                e = 4 * l + k
+                q = np.int32(w[r, b, 8 + e])
+                lo = np.int32(lo + ((q & 15) | np.int32(((qh >> e) & 1) << 4)) * np.int32(xq[b, e]))
+                hi = np.int32(hi + ((q >> 4) | np.int32(((qh >> (e + 16)) & 1) << 4)) * np.int32(xq[b, 16 + e]))
+            lanes[l] = _fma(scale, np.float32(lo), lanes[l])
+            lanes[4 + l] = _fma(scale, np.float32(hi), lanes[4 + l])
+    return _hsum_float_8(lanes) + mins
+
+
+@_kernel(parallel=True)
+def _matvec_q5_1(w, x, f16):
+    nb = w.shape[1]
+    xq = np.empty((nb, QK), np.int8)
+    xd = np.empty(nb, np.float32)
+    xs = np.empty(nb, np.float32)
+    _quantize_q8_1_cpu(x, xq, xd, xs)
+    out = np.empty(w.shape[0], np.float32)
+    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        lanes = np.empty(8, np.float32)
+        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+            out[r] = dot_q5_1(w, r, xq, xd, xs, f16, lanes)
     return out
 
 

@@ -13,9 +13,10 @@ tinyBLAS, no tiled path), so llama.cpp's prefill is this same dot for every outp
 the activation tile swept across a tile of unpacked weight rows. llama.cpp repacks MXFP4 matrices whose row count is a
 multiple of 8 (mxfp4_8x8) and multiplies them with the same GEMM template as the repacked Q4_0 (only the value table
 and the E8M0 scale differ): `_matmul_mxfp4` runs runtime.kernels' one-accumulator tile on them. The other row counts, and
-decode, follow ggml's AVX2 ggml_vec_dot_mxfp4_q8_0 (`_dot_mxfp4`). (Decode of a repacked matrix is ggml's GEMV, not
-mirrored.) llama.cpp multiplies the matmul output by the tensor
-scale `<name>.scale` afterwards (runtime/models/llama.py does the same).
+decode, follow ggml's AVX2 ggml_vec_dot_mxfp4_q8_0 (`_dot_mxfp4`). Decode of a repacked matrix is ggml's GEMV:
+mirrored on AVX2 builds (isa.LEVEL == "avx2", `_matvec_mxfp4_avx2`: one accumulator, the gemm tile's order), not on
+AVX512 ones. Both vec_dots are the same code on AVX2 and AVX512 builds (no AVX512 branch). llama.cpp multiplies the
+matmul output by the tensor scale `<name>.scale` afterwards (runtime/models/llama.py does the same).
 
 `matvec_ref` / `matmul_ref` are the plain numpy references (gguf-py's dequantizer for the weights, ggml's Q8_0 for
 the activation, float64 products).
@@ -30,18 +31,24 @@ from llmq.fp4 import E8M0_HALF, KVALUES, UE4M3_HALF
 
 from numba import prange
 
+from . import isa
+
 from .kernels import (QK, _fma, _gemm_q32_tile, _hsum8_col, _hsum_float_8, _jit, _kernel, _quantize_q8_0_cpu,
                       _roundtrip_q8_0, _TypeKernels)
 
 _KV = KVALUES.astype(np.int32)
 _UE4M3 = UE4M3_HALF
 _E8M0 = E8M0_HALF
+# The scalar tail of ggml_vec_dot_mxfp4_q8_0 (an odd last block), sumf += d * (sumi1 + sumi2): this machine's AVX2
+# build of libggml-cpu does not contract it (vmulss + vaddss, objdump; seen where d * s overflows to inf against a
+# -inf sum: NaN, where an fma gives -inf). The AVX512 builds keep the fma the kernels were first written with.
+_TAIL_UNFUSED = isa.LEVEL == "avx2"
 
 
 @_jit
 def _dot_mxfp4(w, r, xq, xd, f16):
     """ggml's AVX2 ggml_vec_dot_mxfp4_q8_0: even and odd blocks in two sets of 8 fma lanes (lane k: elements
-    4k..4k+3), added, hsum_float_8; an odd last block as a scalar tail."""
+    4k..4k+3), added, hsum_float_8; an odd last block as a scalar tail (fused or not: _TAIL_UNFUSED)."""
     even = np.zeros(8, np.float32)
     odd = np.zeros(8, np.float32)
     nb = w.shape[1]
@@ -64,7 +71,10 @@ def _dot_mxfp4(w, r, xq, xd, f16):
         for j in range(16):
             q = np.int32(w[r, b, 1 + j])
             s = np.int32(s + _KV[q & 15] * xq[b, j] + _KV[q >> 4] * xq[b, j + 16])
-        acc = _fma(xd[b] * _E8M0[w[r, b, 0]], np.float32(s), acc)
+        if _TAIL_UNFUSED:
+            acc = acc + (xd[b] * _E8M0[w[r, b, 0]]) * np.float32(s)
+        else:
+            acc = _fma(xd[b] * _E8M0[w[r, b, 0]], np.float32(s), acc)
     return acc
 
 
@@ -205,6 +215,39 @@ def _matmul_mxfp4_repacked(w, x):
     return out
 
 
+# AVX2 builds (isa.LEVEL == "avx2"): a repacked MXFP4 matrix (rows % 8 == 0) is multiplied by ggml_gemv_mxfp4_8x8_q8_0
+# for every activation row that is not in a group of 4 (decode, and n < 4 prefill batches): on AVX2 its
+# gemv_q4_b32_8x8_q8_0_lut_avx, one float accumulator per output, acc = fma(float(integer block dot), e8m0 * d_x, acc)
+# block after block: the order of the gemm tile above, not vec_dot's. (The AVX512 builds keep _matvec_mxfp4.)
+
+
+@_jit
+def _dot_mxfp4_repacked(w, r, xq, xd):
+    acc = np.float32(0.0)
+    for b in range(w.shape[1]):
+        s = np.int32(0)
+        for j in range(16):
+            q = np.int32(w[r, b, 1 + j])
+            s = np.int32(s + _KV[q & 15] * xq[b, j] + _KV[q >> 4] * xq[b, j + 16])
+        acc = _fma(np.float32(s), _E8M0[w[r, b, 0]] * xd[b], acc)
+    return acc
+
+
+@_kernel(parallel=True)
+def _matvec_mxfp4_avx2(w, x, f16):
+    xq = np.empty((x.shape[0] // QK, QK), np.int8)
+    xd = np.empty(x.shape[0] // QK, np.float32)
+    _quantize_q8_0_cpu(x, xq, xd)
+    out = np.empty(w.shape[0], np.float32)
+    repacked = w.shape[0] % 8 == 0
+    for r in prange(w.shape[0]):
+        if repacked:
+            out[r] = _dot_mxfp4_repacked(w, r, xq, xd)
+        else:
+            out[r] = _dot_mxfp4(w, r, xq, xd, f16)
+    return out
+
+
 # Dequantisation (prefill tiles, embedding rows): the same float32 products as gguf-py / ggml's dequantize_row_*.
 
 
@@ -238,6 +281,8 @@ FP4_KERNELS = {
     QT.MXFP4: _TypeKernels(QT.Q8_0, _matvec_mxfp4, _matmul_mxfp4, _dequant_mxfp4, _roundtrip_q8_0),
     QT.NVFP4: _TypeKernels(QT.Q8_0, _matvec_nvfp4, _matmul_nvfp4, _dequant_nvfp4, _roundtrip_q8_0),
 }
+if isa.LEVEL == "avx2":  # repacked MXFP4 decode: ggml's AVX2 gemv (above); NVFP4 and the rest are the same code there
+    FP4_KERNELS[QT.MXFP4] = _TypeKernels(QT.Q8_0, _matvec_mxfp4_avx2, _matmul_mxfp4, _dequant_mxfp4, _roundtrip_q8_0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
