@@ -26,6 +26,7 @@ from common import ROOT, WORK, smollm2_hf_dir, text_file, write_table
 
 import llamacpp
 from llmq import evaluate as ev
+from runtime import isa
 
 
 NO_LLAMACPP_QUANTIZER = {"NVFP4"}  # llama-quantize has no NVFP4 target for dense models
@@ -131,14 +132,13 @@ def write(rows: list[list]) -> None:
                  "The reference keeps llama.cpp's log-probs in fp16, so identical logits show a KLD of ~1e-6, "
                  "not 0.",
                  "",
-                 "The native prefill mirrors llama.cpp's batched products on this CPU (x86, AVX512-VNNI build of "
-                 "llama-cpp-python's libggml-cpu): the repacked Q4_0/MXFP4 GEMM, llamafile's tinyBLAS for Q8_0/Q5_0, "
-                 "ggml_vec_dot_q4_1_q8_1 and the NVFP4 vec_dot, the repacked Q4_K/Q2_K GEMM (runtime/kernels_repack.py)"
-                 " and the tiled K-quant matmul for the other K-quant matrices (runtime/kernels_tiled.py), plus its "
-                 "f16-cache attention, softmax and swiglu. On this model any rounding-order difference grows to "
-                 "~3e-3 KLD (llama.cpp's own flash attention on vs off differ by as much), so parity here means "
-                 "bit-identical logits. Types the native runtime mirrors the same way but not listed: Q5_0/Q5_1 "
-                 "(fallbacks inside the K-quant mixes above), Q5_K (tiled, unit-tested against libggml-cpu)."])
+                 f"CPU variant of ggml-cpu followed here: {isa.LEVEL} (runtime/isa.py; llama-cpp-python builds "
+                 "libggml-cpu with -march=native). The native runtime mirrors llama.cpp's products in that variant's "
+                 "order: the repacked Q4_0/MXFP4 GEMM, llamafile's tinyBLAS for Q8_0/Q5_0, the Q4_1/Q5_1/NVFP4 "
+                 "vec_dots, the repacked Q4_K GEMM/GEMV, the K-quant vec_dots and tiled matmul (runtime/kernels*.py), "
+                 "plus its f16-cache attention, softmax and swiglu (runtime/kvcache.py, avx2_attention.py). On this "
+                 "model any rounding-order difference grows to ~3e-3 KLD (llama.cpp's own flash attention on vs off "
+                 "differ by as much), so parity here means bit-identical logits."])
 
 
 if __name__ == "__main__":
