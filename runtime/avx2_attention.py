@@ -32,26 +32,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .kernels import _fma
+from .kvcache import half_to_f32 as _half_to_f32, round_half as _round_half
 
 _jit = njit(cache=True, nogil=True)
-
-
-@intrinsic
-def _half_to_f32(typingctx, bits):
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    return sig, codegen
-
-
-@intrinsic
-def _round_half(typingctx, x):
-    sig = types.float32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
-    return sig, codegen
 
 
 @intrinsic
