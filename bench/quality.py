@@ -43,11 +43,16 @@ MAX_VS_PLAIN, MAX_VS_IMATRIX, MAX_SIZE = 0.7, 0.9, 1.01
 MAX_SECONDS, MAX_RSS_MIB = 600, 2048  # acceptance 4, for awq+gptq conversions
 
 
+# llamacpp_tools.py fetches and builds llama.cpp's tools (the baseline): it takes no part in writing llmq's files
+NOT_QUANTIZER_CODE = {"llamacpp_tools.py"}
+
+
 def llmq_source_hash() -> str:
     """Short hash of llmq's sources: which quantizer code a cached row was built with."""
     h = hashlib.sha256()
     for f in sorted((ROOT / "llmq").glob("*.py")):
-        h.update(f.read_bytes())
+        if f.name not in NOT_QUANTIZER_CODE:
+            h.update(f.read_bytes())
     return h.hexdigest()[:8]
 
 
@@ -213,8 +218,8 @@ class Bench:
             "- x plain / x imatrix: our mean KLD over llama.cpp's without / with imatrix, same type and checkpoint. "
             "convert s / peak RSS: wall time and peak resident memory of the conversion process (for llama.cpp: "
             "llama-quantize). Timings were taken on a machine shared with other jobs and are noisy.",
-            "- llmq src: hash of llmq/*.py when the row was built (the quantizers were being changed during the run; "
-            "rows with different hashes come from different code).",
+            "- llmq src: hash of llmq/*.py without llamacpp_tools.py when the row was built (the quantizers were being "
+            "changed during the run; rows with different hashes come from different code).",
         ]
         if tables["fp4"]:
             notes += ["", "## FP4 types (baseline: ggml's own encoder, ggml_quantize_chunk, on the tensors llmq quantizes)", "",

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from llmq import llamacpp_tools
 from llmq.errors import LlmqError
 
 from .generate import Engine
@@ -63,6 +64,7 @@ class LlamaCppEngine(Engine):
             import llama_cpp
         except ImportError as e:
             raise LlmqError("the llama.cpp engine needs llama-cpp-python: pip install llama-cpp-python") from e
+        llamacpp_tools.check_loaded_package(llama_cpp)
         if not Path(model_path).is_file():
             raise LlmqError(f"no such GGUF file: {model_path}")
         for cache_type in (cache_type_k, cache_type_v):
