@@ -10,7 +10,14 @@ to the cache's "vec_dot type" (ggml CPU backend, flash attention off, as llama-c
   - P.V: the softmax probabilities are converted to f16 for an f16 V cache.
 `round_query` and `round_probs` apply the same roundings so the native logits track llama.cpp's (on the dense path:
 models/llama.py runs f16, q8_0 and q4_0 caches through `attend_f16`, llama.cpp's f16-cache attention, with quantised
-rows dequantised first, so there q keeps f16 precision for every cache type)."""
+rows dequantised first, so there q keeps f16 precision for every cache type).
+
+Quantised caches are rotated, as llama.cpp does (llama-kv-cache.cpp, attn_rot_k / attn_rot_v): an orthonormal
+Walsh-Hadamard matrix H mixes each head's values in chunks of n before they are quantised, which spreads the few
+large channels of K and V over the whole chunk, so a block's scale no longer wastes most of its levels on one outlier.
+With H @ H = I nothing changes in exact arithmetic: q is rotated like k (q.k = Hq.Hk), and the attention output, a
+mix of rotated v rows, is rotated back. Chunk n: for K the largest power of two >= 64 dividing head_dim, for V 64
+(llama.cpp found smaller chunks better for V); no rotation when head_dim % 64 != 0 or the cache is f16/f32."""
 
 from __future__ import annotations
 
@@ -41,6 +48,40 @@ def _quantize_q8_0_like_ggml_cpu(rows: np.ndarray) -> np.ndarray:
     from . import kernels
 
     return kernels.quantize_rows_q8_0(rows, ref=False)
+
+
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal n x n Walsh-Hadamard matrix (n a power of two), Sylvester's construction as ggml_gen_hadamard."""
+    h = np.full((1, 1), 1.0 / np.sqrt(np.float32(n)), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def rotation_chunks(cache_type: str, head_dim: int, for_keys: bool) -> int:
+    """Chunk size of the Hadamard rotation llama.cpp applies to a K or V cache of this type (0: none)."""
+    if cache_type not in ("q8_0", "q4_0") or head_dim % 64:
+        return 0
+    n = 64
+    while for_keys and head_dim % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+def rotate(x: np.ndarray, n: int) -> np.ndarray:
+    """x (..., width) with each chunk of n values along the last axis multiplied by hadamard(n) (n = 0: x)."""
+    if not n:
+        return x
+    return (np.ascontiguousarray(x, np.float32).reshape(-1, n) @ _hadamard_cached(n)).reshape(x.shape)
+
+
+_HADAMARD: dict[int, np.ndarray] = {}
+
+
+def _hadamard_cached(n: int) -> np.ndarray:
+    if n not in _HADAMARD:
+        _HADAMARD[n] = hadamard(n)
+    return _HADAMARD[n]
 
 
 class _RowStore:
@@ -76,7 +117,7 @@ class _RowStore:
 
 class KVCache:
     def __init__(self, n_layers: int, n_ctx: int, kv_dim: int, type_k: str = "f16", type_v: str = "f16", *,
-                 head_dim: int | None = None):
+                 head_dim: int | None = None, rotate: bool = True):
         if n_ctx < 1:
             raise LlmqError(f"n_ctx must be positive, got {n_ctx}")
         self.n_layers, self.n_ctx, self.kv_dim = n_layers, n_ctx, kv_dim
@@ -84,6 +125,9 @@ class KVCache:
         head_dim = head_dim or kv_dim
         self.k = [_RowStore(type_k, n_ctx, kv_dim, head_dim) for _ in range(n_layers)]
         self.v = [_RowStore(type_v, n_ctx, kv_dim, head_dim) for _ in range(n_layers)]
+        # Hadamard chunk sizes (module docstring); rotate=False stores quantised rows as they come
+        self.rot_k = rotation_chunks(type_k, head_dim, for_keys=True) if rotate else 0
+        self.rot_v = rotation_chunks(type_v, head_dim, for_keys=False) if rotate else 0
         self.pos = 0  # tokens stored; the next token goes to this position
 
     @property
@@ -108,6 +152,14 @@ class KVCache:
 
     def values(self, layer: int, end: int) -> np.ndarray:
         return self.v[layer].read(end)
+
+    def rotate_qkv(self, q: np.ndarray, k: np.ndarray, v: np.ndarray):
+        """q, k, v as they enter this cache's attention (rotated for a quantised K or V cache)."""
+        return rotate(q, self.rot_k), rotate(k, self.rot_k), rotate(v, self.rot_v)
+
+    def unrotate_output(self, out: np.ndarray) -> np.ndarray:
+        """The attention output (n, heads * head_dim) back in the unrotated basis (H is its own inverse)."""
+        return rotate(out, self.rot_v)
 
     def round_query(self, q: np.ndarray) -> np.ndarray:
         """q (n, heads, head_dim) rounded as ggml converts it for the dot products with this K cache."""

@@ -87,16 +87,17 @@ def write_f32_gguf(model_dir: Path, out: Path, arch: str) -> Path:
     return out
 
 
-def make_head32_llama(out_dir: Path) -> Path:
-    """A tiny llama with head_dim 32 (2 query heads, 1 kv head): the smallest shape llama.cpp accepts a quantised
-    KV cache for (the tiny_models checkpoints have head_dim 16)."""
+def make_wide_head_llama(out_dir: Path, head_dim: int = 32) -> Path:
+    """A tiny llama with 2 query heads of head_dim 32 or 64 and 1 kv head: 32 is the smallest head llama.cpp accepts
+    a quantised KV cache for (the tiny_models checkpoints have head_dim 16), 64 the smallest it rotates such a cache
+    for (kvcache.rotation_chunks)."""
     import torch
     import transformers
     from tiny_tokenizers import save_hf_tokenizer, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer("llama3")
     cfg = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        vocab_size=tok.get_vocab_size(), hidden_size=2 * head_dim, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, rms_norm_eps=1e-5,
         rope_theta=10000.0, bos_token_id=tok.token_to_id("<|im_start|>"), eos_token_id=tok.token_to_id("<|im_end|>"))
     torch.manual_seed(1)
@@ -115,7 +116,7 @@ def make_head32_llama(out_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
     """tiny_gguf(arch, tied=False, rope_scaling=None) -> (gguf path, HF checkpoint dir), cached per session.
-    arch "llama-head32" is make_head32_llama."""
+    arch "llama-head32" / "llama-head64" is make_wide_head_llama."""
     from tiny_models import make_tiny_checkpoint
 
     made: dict = {}
@@ -124,8 +125,9 @@ def tiny_gguf(tmp_path_factory):
         key = (arch, tied, json.dumps(rope_scaling, sort_keys=True))
         if key not in made:
             d = tmp_path_factory.mktemp(f"{arch}{'-tied' if tied else ''}")
-            if arch == "llama-head32":
-                made[key] = (write_f32_gguf(make_head32_llama(d / "hf"), d / "model.gguf", "llama"), d / "hf")
+            if arch in ("llama-head32", "llama-head64"):
+                hf = make_wide_head_llama(d / "hf", int(arch.removeprefix("llama-head")))
+                made[key] = (write_f32_gguf(hf, d / "model.gguf", "llama"), hf)
             else:
                 ckpt = make_tiny_checkpoint(arch, d / "hf", tie_embeddings=tied, rope_scaling=rope_scaling)
                 made[key] = (write_f32_gguf(ckpt, d / "model.gguf", arch), ckpt)

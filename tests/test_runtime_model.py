@@ -163,11 +163,33 @@ def test_f16_cache_conversion_is_exact():
     np.testing.assert_array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))  # -0.0, inf too
 
 
+def test_hadamard_rotation_of_quantised_caches():
+    from runtime.kvcache import hadamard, rotate, rotation_chunks
+
+    h = hadamard(64)
+    np.testing.assert_array_equal(h @ h, np.eye(64, dtype=np.float32))  # entries +-1/8: exact
+    assert set(np.unique(h)) == {-0.125, 0.125} and (h == h.T).all()
+    x = np.random.default_rng(0).standard_normal((3, 2, 128)).astype(np.float32)
+    np.testing.assert_allclose(rotate(rotate(x, 64), 64), x, atol=2e-6, rtol=1e-5)
+    np.testing.assert_array_equal(rotate(x, 0), x)
+    # llama.cpp's chunk sizes: K the largest power of two >= 64 dividing head_dim, V 64; only quantised caches
+    assert [rotation_chunks("q8_0", d, True) for d in (32, 64, 96, 128, 256)] == [0, 64, 0, 128, 256]
+    assert [rotation_chunks("q4_0", d, False) for d in (64, 128)] == [64, 64]
+    assert rotation_chunks("f16", 128, True) == rotation_chunks("f32", 64, False) == 0
+    cache = KVCache(1, 4, 128, type_k="q8_0", type_v="f16", head_dim=64)
+    assert (cache.rot_k, cache.rot_v) == (64, 0)
+
+
 CACHE_PAIRS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16"), ("f16", "q4_0")]
+HEAD64_PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0")]  # head_dim 64: llama.cpp rotates these caches
 
 
-@pytest.mark.parametrize("type_k,type_v", CACHE_PAIRS, ids=[f"{k}-{v}" for k, v in CACHE_PAIRS])
-def test_kv_cache_types_track_llamacpp(tiny_gguf, type_k, type_v):
+CACHE_CASES = [(k, v, 32) for k, v in CACHE_PAIRS] + [(k, v, 64) for k, v in HEAD64_PAIRS]
+
+
+@pytest.mark.parametrize("type_k,type_v,head", CACHE_CASES,
+                         ids=[f"{k}-{v}" + ("-head64" if h == 64 else "") for k, v, h in CACHE_CASES])
+def test_kv_cache_types_track_llamacpp(tiny_gguf, type_k, type_v, head):
     """Each cache type moves the logits away from the exact (f32 cache) ones. With an f16 K cache llama.cpp's logits
     move the same way: native stays within a few 1e-3 of llama.cpp while the quantised V caches are 0.1..2 away
     from exact. With a quantised K cache llama.cpp also rounds q to q8_0 for its dot products and native keeps q at
@@ -175,17 +197,21 @@ def test_kv_cache_types_track_llamacpp(tiny_gguf, type_k, type_v):
     large as that of the keys), and no further from llama.cpp than llama.cpp is from exact."""
     from runtime.llamacpp_engine import LlamaCppEngine
 
-    path, _ = tiny_gguf("llama-head32")
+    path, _ = tiny_gguf(f"llama-head{head}")
     model = runtime.load_gguf(path, n_ctx=128, cache_type_k=type_k, cache_type_v=type_v)
+    a = model.args
     tokens = tokens_for(model)
     exact = model.forward(tokens, model.new_cache(type_k="f32", type_v="f32"))
     reference = LlamaCppEngine(path, n_ctx=128, threads=1, cache_type_k=type_k, cache_type_v=type_v)
     ref = reference.eval(tokens.tolist())
 
+    def prefill_then_decode(cache):
+        return np.concatenate([model.forward(tokens[:50], cache)] +
+                              [model.forward(tokens[i : i + 1], cache) for i in range(50, N_TOKENS)])
+
     cache = model.new_cache()
     assert (cache.type_k, cache.type_v) == (type_k, type_v)
-    got = np.concatenate([model.forward(tokens[:50], cache)] +
-                         [model.forward(tokens[i : i + 1], cache) for i in range(50, N_TOKENS)])
+    got = prefill_then_decode(cache)
     to_llamacpp, to_exact = np.abs(got - ref).max(), np.abs(got - exact).max()
     print(f"{type_k}/{type_v}: max |native - llama.cpp| {to_llamacpp:.1e}, max |native - exact| {to_exact:.1e}")
     if type_k == "f16":
@@ -200,8 +226,12 @@ def test_kv_cache_types_track_llamacpp(tiny_gguf, type_k, type_v):
               f"{rms(got - ref):.4f}")
         assert native_err <= llamacpp_err * (0.9 if type_k == "q8_0" else 1.05)
         assert rms(got - ref) <= llamacpp_err
+        if head == 64:  # both engines rotate these caches: without the rotation native moves away from llama.cpp
+            plain = prefill_then_decode(KVCache(a.n_layers, model.n_ctx, a.n_kv_heads * a.head_dim, type_k, type_v,
+                                                head_dim=a.head_dim, rotate=False))
+            print(f"  rms to llama.cpp: rotated {rms(got - ref):.4f}, not rotated {rms(plain - ref):.4f}")
+            assert rms(plain - ref) > 1.5 * rms(got - ref)
 
-    a = model.args
     bytes_per_value = {"f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
     per_layer = model.n_ctx * a.n_kv_heads * a.head_dim * (bytes_per_value[type_k] + bytes_per_value[type_v])
     assert cache.nbytes == round(a.n_layers * per_layer)

@@ -249,6 +249,8 @@ class Attention:
             q, k = self.q_norm(q), self.k_norm(k)
         positions = np.arange(pos, pos + n)
         q, k = self.rope(q, positions), self.rope(k, positions)
+        if cache is not None:
+            q, k, v = cache.rotate_qkv(q, k, v)
 
         if EXACT_ATTENTION and cache is not None and "f32" not in (cache.type_k, cache.type_v) and d % 16 == 0:
             cache.store(self.layer, pos, k.reshape(n, KV * d), v.reshape(n, KV * d))
@@ -263,7 +265,7 @@ class Attention:
                 # (bench/results/runtime.md).
                 out = attend_f16(q, cache.keys(self.layer, pos + n), cache.values(self.layer, pos + n), self.scale,
                                  pos, KV)
-            return self.wo(out)
+            return self.wo(cache.unrotate_output(out))
         qh = q.reshape(n, KV, G, d).transpose(1, 2, 0, 3)          # (KV, G, n, d)
         if cache is None:  # calibration / stateless use: attend within this batch only
             key_pos0, L = pos, n
@@ -281,7 +283,7 @@ class Attention:
         else:
             out = mix_dense(cache.round_probs(probs), cache.values(self.layer, L))
         out = out.transpose(2, 0, 1, 3).reshape(n, H * d)
-        return self.wo(out)
+        return self.wo(out if cache is None else cache.unrotate_output(out))
 
 
 class FeedForward:
