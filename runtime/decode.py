@@ -26,12 +26,12 @@ from .kernels import (QK, QK_K, _block_sums, _dot_q2_k, _dot_q3_k, _dot_q4_0, _d
                       _dot_q5_1, _dot_q5_k, _dot_q6_k, _dot_q8_0, _dot_rows16_q4_0, _dot_rows16_q5_0,
                       _dot_rows16_q8_0, _jit, _kernel, _quantize_q8_0_cpu,
                       _quantize_q8_1_cpu, _quantize_q8_k)
-from .kvcache import _reduce_add_16, f32_to_half, ggml_expf, round_half
+from .kvcache import _reduce_add_16, f32_to_half, ggml_expf, half_to_f32, round_half
 from . import isa as _isa
 from .kernels_avx2 import _dot_vec_q4_0, _dot_vec_q4_0_repacked, _dot_vec_q5_0, _dot_vec_q8_0
 from .kernels_avx2 import dot_q5_1 as _dot_q5_1_avx2
 
-_AVX2_DOTS = _isa.LEVEL == "avx2"  # Q4_0/Q5_0/Q8_0/Q5_1 in ggml-cpu's AVX2 order (kernels_avx2.py)
+_AVX2_DOTS = _isa.X86_AVX2_DOTS  # Q4_0/Q5_0/Q8_0/Q5_1 in ggml-cpu's AVX2 order (kernels_avx2.py)
 from . import kernels_kquant_avx2 as _kq_avx2
 from .kernels_kquant_avx2 import dot_q2_k_avx2, dot_q3_k_avx2, dot_q5_k_avx2, dot_q6_k_avx2
 
@@ -373,6 +373,72 @@ def _attend_head(q, q0, k_cache, v_cache, L, kv_col, d, scale, out):
         out[q0 + e] = _reduce_add_16(mix[:, e])
 
 
+_DOT_STEP = 64  # ggml_vec_dot_f16 on AVX512: GGML_F32_STEP, 4 accumulators (GGML_F32_ARR) of 16 lanes
+
+
+@_jit
+def _reduce_dot_step(acc, tmp):
+    """GGML_F32x16_REDUCE of ggml_vec_dot_f16's accumulators acc[16 * a + lane]: (0 + 2), (1 + 3), their sum, then
+    _mm512_reduce_add_ps."""
+    for lane in range(16):
+        tmp[lane] = (acc[lane] + acc[32 + lane]) + (acc[16 + lane] + acc[48 + lane])
+    return _reduce_add_16(tmp)
+
+
+@_jit
+def _attend_head_one(q, q0, k_cache, v_cache, L, kv_col, d, scale, out):
+    """_attend_head for the only token of a batch. llamafile's tinyBLAS (the order of _attend_head) declines products
+    with one column, so llama.cpp computes each score and each output value with ggml_vec_dot_f16, whose AVX512 form
+    puts element i of every 64-element step in accumulator (i % 64) // 16, lane i % 16, reduces them with
+    _reduce_dot_step and adds the d % 64 tail in double. The KQV dots run over llama.cpp's n_kv positions (a multiple
+    of 256; the masked ones have p = 0), so position j goes to slot j % 64 and there is no tail. The softmax in
+    between is _attend_head's. All products (two f16 values) are exact in float32."""
+    acc = np.empty(_DOT_STEP, np.float32)
+    tmp = np.empty(16, np.float32)
+    scores = np.empty(L, np.float32)
+    full = d - d % _DOT_STEP
+    for j in range(L):
+        for i in range(_DOT_STEP):
+            acc[i] = 0
+        for i0 in range(0, full, _DOT_STEP):
+            for i in range(_DOT_STEP):
+                acc[i] += q[q0 + i0 + i] * half_to_f32(k_cache[j, kv_col + i0 + i])
+        s = np.float64(_reduce_dot_step(acc, tmp))
+        for i in range(full, d):
+            s += np.float64(q[q0 + i] * half_to_f32(k_cache[j, kv_col + i]))
+        scores[j] = np.float32(s) * scale
+    top = -np.inf
+    for j in range(L):
+        top = max(top, scores[j])
+    total = 0.0
+    for c0 in range(0, L, 16):
+        for i in range(16):
+            tmp[i] = 0
+        for i in range(min(16, L - c0)):
+            p = ggml_expf(scores[c0 + i] - top)
+            scores[c0 + i] = p
+            tmp[i] = p
+        total += np.float64(_reduce_add_16(tmp))
+    inv = np.float32(1.0 / total)
+    mix = np.zeros((_DOT_STEP, d), np.float32)
+    for j in range(L):
+        p = round_half(scores[j] * inv)
+        slot = j % _DOT_STEP
+        for e in range(d):
+            mix[slot, e] += p * half_to_f32(v_cache[j, kv_col + e])
+    for e in range(d):
+        for i in range(_DOT_STEP):
+            acc[i] = mix[i, e]
+        out[q0 + e] = _reduce_dot_step(acc, tmp)
+
+
+@_kernel(parallel=True)
+def _attend_cached_one(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, d, scale, out):
+    for head in prange(n_heads):
+        _attend_head_one(q, head * d, k_cache, v_cache, pos0 + 1, (head // (n_heads // n_kv_heads)) * d, d, scale,
+                         out)
+
+
 @_kernel(parallel=True)
 def _attend_cached(q, k_cache, v_cache, pos0, n_heads, n_kv_heads, d, scale, out):
     for task in prange(q.size // d):
@@ -388,8 +454,9 @@ def attend_f16_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, sc
     n, n_heads, d = q.shape
     q16 = np.ascontiguousarray(q, np.float32).astype(np.float16).astype(np.float32).reshape(-1)
     out = np.empty(n * n_heads * d, np.float32)
-    _attend_cached(q16, k_cache.view(np.uint16), v_cache.view(np.uint16), pos0, n_heads, n_kv_heads, d,
-                   np.float32(scale), out)
+    attend = _attend_cached_one if n == 1 else _attend_cached  # one token: ggml_vec_dot_f16's order
+    attend(q16, k_cache.view(np.uint16), v_cache.view(np.uint16), pos0, n_heads, n_kv_heads, d, np.float32(scale),
+           out)
     return out.reshape(n, n_heads * d)
 
 
@@ -397,7 +464,7 @@ def attend_f16_cache(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, sc
 from . import isa  # noqa: E402
 
 if isa.LEVEL == "avx2":
-    from .avx2_attention import attend_f16_cache, attend_head_vec_dot as _attend_head  # noqa: E402,F811
+    from .avx2_attention import attend_f16_cache, attend_head_vec_dot as _attend_head_one  # noqa: E402,F811
 
 
 @_jit
@@ -425,7 +492,7 @@ def _decode_layer(h, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w_gate, w_up, w_d
     attn = np.empty(n_heads * d, np.float32)
     for head in prange(n_heads):
         kv_col = (head // group) * d
-        _attend_head(q, head * d, k_cache, v_cache, pos + 1, kv_col, d, scale, attn)
+        _attend_head_one(q, head * d, k_cache, v_cache, pos + 1, kv_col, d, scale, attn)
     o = _products(attn, wo, no_rows, no_rows, codes[1], f16)[0]
     for i in range(h.size):
         o[i] = h[i] + o[i]

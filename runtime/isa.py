@@ -22,3 +22,8 @@ AVX512_VNNI = AVX512 and "avx512vnni" in FEATURES
 AVX2 = {"avx2", "fma", "f16c"} <= FEATURES
 
 LEVEL = "avx512-vnni" if AVX512_VNNI else "avx512" if AVX512 else "avx2" if AVX2 else "generic"
+
+# ggml's x86 vec_dot functions (arch/x86/quants.c: Q4_0, Q5_0, Q8_0, Q4_1, Q5_1, Q2_K..Q6_K against Q8_*) have only an
+# __AVX2__ branch, so every AVX2-or-better build, AVX512 included, runs them in the AVX2 float order: one token
+# (decode) and the products no matrix kernel takes (tinyBLAS declines n < 2, the tiled K-quant matmul n < 8).
+X86_AVX2_DOTS = LEVEL in ("avx2", "avx512", "avx512-vnni")

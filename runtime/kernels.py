@@ -1315,19 +1315,22 @@ _TYPES.update(FP4_KERNELS)
 # AVX512) is replaced by kernels_avx2._matvec_q5_1 (ggml_vec_dot_q5_1_q8_1's AVX2 order; matmul uses it for n < 4).
 from . import isa  # noqa: E402
 
-if isa.LEVEL == "avx2":
+# On AVX512 the decode dots are the same AVX2 code (isa.X86_AVX2_DOTS); only the batched products keep kernels.py's
+# VNNI integer sums there (same float order as tinyBLAS / the repacked gemm of an AVX512 build).
+if isa.X86_AVX2_DOTS:
     from . import kernels_avx2  # noqa: E402
 
+    _AVX2_BUILD = isa.LEVEL == "avx2"
     for _qt, _mv, _mm in ((QT.Q4_0, kernels_avx2._matvec_q4_0, kernels_avx2.matmul_q4_0),
                           (QT.Q5_0, kernels_avx2._matvec_q5_0, kernels_avx2.matmul_q5_0),
                           (QT.Q8_0, kernels_avx2._matvec_q8_0, kernels_avx2.matmul_q8_0),
                           (QT.Q5_1, kernels_avx2._matvec_q5_1, _TYPES[QT.Q5_1].matmul)):
-        _TYPES[_qt] = _TypeKernels(_TYPES[_qt].act_type, _mv, _mm, _TYPES[_qt].dequant, _TYPES[_qt].roundtrip,
-                                   _TYPES[_qt].min_offset)
+        _TYPES[_qt] = _TypeKernels(_TYPES[_qt].act_type, _mv, _mm if _AVX2_BUILD else _TYPES[_qt].matmul,
+                                   _TYPES[_qt].dequant, _TYPES[_qt].roundtrip, _TYPES[_qt].min_offset)
 
-# K-quants on an AVX2 build: ggml_vec_dot_q*_K_q8_K's 8-lane order for decode and batches below 8 rows, no Q2_K
-# repack (AVX512 only); see kernels_kquant_avx2.
-if isa.LEVEL == "avx2":
+# K-quants on an AVX2-or-better build: ggml_vec_dot_q*_K_q8_K's 8-lane order for decode and batches below 8 rows;
+# Q2_K is repacked on AVX512 (kernels_repack, above), so AVX2_KQUANT leaves it out there; see kernels_kquant_avx2.
+if isa.X86_AVX2_DOTS:
     from .kernels_kquant_avx2 import AVX2_KQUANT  # noqa: E402
 
     for _qt, (_mv, _mm) in AVX2_KQUANT.items():

@@ -1,4 +1,6 @@
-"""The 32-element weight products on an AVX2 (+FMA, F16C) build of ggml-cpu, bit for bit (isa.LEVEL == "avx2").
+"""The 32-element weight products on an AVX2 (+FMA, F16C) build of ggml-cpu, bit for bit (isa.LEVEL == "avx2"); the
+decode products (the ggml_vec_dot_* and the repacked gemv, which have no AVX512 branch) on AVX512 builds too
+(isa.X86_AVX2_DOTS: kernels.py then takes only the matvec kernels from here).
 
 llama-cpp-python builds libggml-cpu with -march=native, so on an AVX2-only CPU ggml runs its AVX2 code. What computes
 each product there (ggml-cpu.c ggml_compute_forward_mul_mat, repack.cpp, llamafile/sgemm.cpp, arch/x86/*.c):

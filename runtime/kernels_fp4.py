@@ -14,8 +14,8 @@ the activation tile swept across a tile of unpacked weight rows. llama.cpp repac
 multiple of 8 (mxfp4_8x8) and multiplies them with the same GEMM template as the repacked Q4_0 (only the value table
 and the E8M0 scale differ): `_matmul_mxfp4` runs runtime.kernels' one-accumulator tile on them. The other row counts, and
 decode, follow ggml's AVX2 ggml_vec_dot_mxfp4_q8_0 (`_dot_mxfp4`). Decode of a repacked matrix is ggml's GEMV:
-mirrored on AVX2 builds (isa.LEVEL == "avx2", `_matvec_mxfp4_avx2`: one accumulator, the gemm tile's order), not on
-AVX512 ones. Both vec_dots are the same code on AVX2 and AVX512 builds (no AVX512 branch). llama.cpp multiplies the
+mirrored on AVX2 and AVX512 builds (isa.X86_AVX2_DOTS, `_matvec_mxfp4_avx2`: one accumulator, the gemm tile's
+order; the gemv has no AVX512 branch). Both vec_dots are the same code on AVX2 and AVX512 builds (no AVX512 branch). llama.cpp multiplies the
 matmul output by the tensor scale `<name>.scale` afterwards (runtime/models/llama.py does the same).
 
 `matvec_ref` / `matmul_ref` are the plain numpy references (gguf-py's dequantizer for the weights, ggml's Q8_0 for
@@ -218,7 +218,7 @@ def _matmul_mxfp4_repacked(w, x):
 # AVX2 builds (isa.LEVEL == "avx2"): a repacked MXFP4 matrix (rows % 8 == 0) is multiplied by ggml_gemv_mxfp4_8x8_q8_0
 # for every activation row that is not in a group of 4 (decode, and n < 4 prefill batches): on AVX2 its
 # gemv_q4_b32_8x8_q8_0_lut_avx, one float accumulator per output, acc = fma(float(integer block dot), e8m0 * d_x, acc)
-# block after block: the order of the gemm tile above, not vec_dot's. (The AVX512 builds keep _matvec_mxfp4.)
+# block after block: the order of the gemm tile above, not vec_dot's. AVX512 builds run the same gemv.
 
 
 @_jit
@@ -281,7 +281,7 @@ FP4_KERNELS = {
     QT.MXFP4: _TypeKernels(QT.Q8_0, _matvec_mxfp4, _matmul_mxfp4, _dequant_mxfp4, _roundtrip_q8_0),
     QT.NVFP4: _TypeKernels(QT.Q8_0, _matvec_nvfp4, _matmul_nvfp4, _dequant_nvfp4, _roundtrip_q8_0),
 }
-if isa.LEVEL == "avx2":  # repacked MXFP4 decode: ggml's AVX2 gemv (above); NVFP4 and the rest are the same code there
+if isa.X86_AVX2_DOTS:  # repacked MXFP4 decode: ggml's AVX2 gemv (above), the one AVX512 builds run too
     FP4_KERNELS[QT.MXFP4] = _TypeKernels(QT.Q8_0, _matvec_mxfp4_avx2, _matmul_mxfp4, _dequant_mxfp4, _roundtrip_q8_0)
 
 

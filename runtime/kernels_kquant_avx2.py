@@ -1,4 +1,4 @@
-"""K-quant vec_dot products (Q2_K..Q6_K) in the float order of ggml-cpu's AVX2 code, for isa.LEVEL == "avx2".
+"""K-quant vec_dot products (Q2_K..Q6_K) in the float order of ggml-cpu's AVX2 code (isa.X86_AVX2_DOTS).
 
 Which ggml function computes a K-quant product on an AVX2 (+FMA, F16C, no AVX512) CPU with llama-cpp-python's
 -march=native libggml-cpu (ggml-cpu.c ggml_compute_forward_mul_mat, repack.cpp ggml_repack_get_optimal_repack_type,
@@ -36,11 +36,11 @@ This module mirrors those AVX2 branches:
                              (the -32 offset of chunk l's two sub-blocks, as q8sclsub) before the conversion
 
 Every integer sum is exact (maddubs cannot saturate with these code ranges), so only the lane split and the float
-operations above matter. When isa.LEVEL == "avx2" (ACTIVE), kernels.py replaces the matvec/matmul of its _TYPES
+operations above matter. The vec_dot functions have no AVX512 branch, so an AVX512 build runs this same order for
+decode and batches below 8 rows: where isa.X86_AVX2_DOTS (ACTIVE), kernels.py replaces the matvec/matmul of its _TYPES
 entries for Q2_K..Q6_K by `AVX2_KQUANT` and decode.py's fused step calls the dot_*_avx2 functions for Q2_K, Q3_K, Q5_K
-and Q6_K (FUSED_MATVECS; Q4_K matrices with rows % 8 == 0 use the repacked gemv order, not fused); on other CPUs
-nothing changes. (The vec_dot functions have no AVX512 branch, so this order is also what an AVX512 build runs for
-decode and batches below 8 rows; that is not switched on here because it cannot be tested on this machine.)
+and Q6_K (FUSED_MATVECS; Q4_K matrices with rows % 8 == 0 use the repacked gemv order, not fused). AVX512 builds also
+repack Q2_K (rows % 8 == 0): there its entry is `matvec_q2_k_repacking` / `matmul_q2_k_repacking` and it is not fused.
 Tests: tests/test_kernels_kquant_avx2.py.
 """
 
@@ -55,9 +55,10 @@ from . import kernels_repack as _repack
 from . import kernels_tiled as _tiled
 from .kernels import (QK_K, _byte, _f16_at, _fma, _hsum_float_8, _jit_inline, _kernel, _quantize_q8_k, _scale_q3_k,
                       _scales_mins_k4)
-from .kernels_repack import REPACK_ROWS, _gemv_dot_q4_k
+from .kernels_repack import REPACK_ROWS, _gemv_dot_q2_k, _gemv_dot_q4_k
 
-ACTIVE = isa.LEVEL == "avx2"
+ACTIVE = isa.X86_AVX2_DOTS
+_Q2_K_REPACKED = isa.AVX512  # ggml repacks Q2_K (rows % 8 == 0) only on AVX512 builds: kernels_repack's order
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -335,6 +336,33 @@ def matmul_q4_k(w, x, f16):
 
 _matmul_q4_k_unpacked = _tiled._entry(QT.Q4_K, matvec_q4_k_avx2)
 matmul_q2_k = _tiled._entry(QT.Q2_K, matvec_q2_k_avx2)  # no Q2_K repack without AVX512
+
+
+@_kernel(parallel=True)
+def matvec_q2_k_repacking(w, x, f16):
+    """Decode on AVX512 builds, which repack Q2_K: the gemv order for rows % 8 == 0, else the AVX2 vec_dot."""
+    xq = np.empty((w.shape[1], QK_K), np.int8)
+    xd = np.empty(w.shape[1], np.float32)
+    xbsums = np.empty((w.shape[1], QK_K // 16), np.int32)
+    _quantize_q8_k(x, xq, xd, xbsums)
+    repacked = w.shape[0] % REPACK_ROWS == 0
+    out = np.empty(w.shape[0], np.float32)
+    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        lanes = np.empty(8, np.float32)
+        prod = np.empty(QK_K, np.int32)
+        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+            if repacked:
+                out[r] = _gemv_dot_q2_k(w, r, xq, xd, xbsums, f16)
+            else:
+                out[r] = dot_q2_k_avx2(w, r, xq, xd, xbsums, f16, lanes, prod)
+    return out
+
+
+def matmul_q2_k_repacking(w, x, f16):
+    """Prefill on AVX512 builds: the repacked gemm/gemv (rows % 8 == 0), else the tiled matmul / AVX2 vec_dot."""
+    if w.shape[0] % REPACK_ROWS == 0:
+        return _repack.matmul_q2_k(w, x, f16)
+    return matmul_q2_k(w, x, f16)
 matmul_q3_k = _tiled._entry(QT.Q3_K, matvec_q3_k_avx2)
 matmul_q5_k = _tiled._entry(QT.Q5_K, matvec_q5_k_avx2)
 matmul_q6_k = _tiled._entry(QT.Q6_K, matvec_q6_k_avx2)
@@ -350,3 +378,6 @@ AVX2_KQUANT = {
 # the matvec kernels decode.py's fused step mirrors with the dot_*_avx2 functions above (Q4_K: see kernels_repack)
 FUSED_MATVECS = {QT.Q2_K: matvec_q2_k_avx2, QT.Q3_K: matvec_q3_k_avx2, QT.Q5_K: matvec_q5_k_avx2,
                  QT.Q6_K: matvec_q6_k_avx2}
+if _Q2_K_REPACKED:  # the fused decode step handles neither order switch: Q2_K decode runs unfused there
+    AVX2_KQUANT[QT.Q2_K] = (matvec_q2_k_repacking, matmul_q2_k_repacking)
+    del FUSED_MATVECS[QT.Q2_K]

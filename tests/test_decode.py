@@ -217,8 +217,9 @@ def test_sixteen_row_decode_kernels_equal_the_per_row_dots(qtype, kind):
             assert np.array_equal(kernels.matvec(w, x), expected)
 
 
-@pytest.mark.parametrize("pos0,n", [(0, 40), (13, 21), (57, 1)])
+@pytest.mark.parametrize("pos0,n", [(0, 40), (13, 21), (57, 2)])
 def test_attention_on_the_f16_cache_equals_kvcache_attend_f16(pos0, n):
+    """(One token follows ggml_vec_dot_f16 instead: test_one_token_attention_is_ggml_graph_bit_for_bit.)"""
     rng = np.random.default_rng(pos0)
     n_heads, n_kv_heads, d = 6, 2, 64
     k_cache = (rng.standard_normal((80, n_kv_heads * d)) * 2).astype(np.float16)
@@ -229,3 +230,32 @@ def test_attention_on_the_f16_cache_equals_kvcache_attend_f16(pos0, n):
                                   n_kv_heads)
     got = decode.attend_f16_cache(q, k_cache, v_cache, 0.125, pos0, n_kv_heads)
     assert np.array_equal(got, expected)
+
+
+@pytest.mark.skipif(not isa.LEVEL.startswith("avx512"), reason="ggml-cpu's AVX512 attention runs only here "
+                    "(AVX2: tests/test_avx2_parity_attention.py)")
+@pytest.mark.parametrize("n, pos0, H, KV, d", [(1, 0, 4, 2, 64), (1, 37, 9, 3, 64), (1, 300, 4, 4, 128),
+                                               (1, 100, 2, 1, 80), (2, 0, 4, 2, 64), (33, 100, 9, 3, 64)])
+def test_one_token_attention_is_ggml_graph_bit_for_bit(n, pos0, H, KV, d):
+    """The f16-cache attention against llama.cpp's own graph (KQ, soft_max_ext, KQV) on this AVX512 build: one token
+    goes through ggml_vec_dot_f16 (decode._attend_head_one, also the fused decode layer's), more through tinyBLAS."""
+    from ggml_cpu import open_ggml_cpu
+    from test_avx2_parity_attention import ggml_attention
+
+    lib = open_ggml_cpu()
+    rng = np.random.default_rng(pos0 + d)
+    L = pos0 + n
+    n_kv = -(-L // 256) * 256  # llama.cpp's padded cache view; the padding rows hold other (masked) values
+    keys = (rng.standard_normal((n_kv, KV * d)) * 2).astype(np.float16)
+    values = rng.standard_normal((n_kv, KV * d)).astype(np.float16)
+    q = (rng.standard_normal((n, H, d)) * 2).astype(np.float32)
+    scale = np.float32(1 / np.sqrt(d))
+    expected = ggml_attention(lib, q, keys, values, scale, pos0, KV, n_kv)
+    np.testing.assert_array_equal(decode.attend_f16_cache(q, keys.copy(), values.copy(), scale, pos0, KV), expected)
+    if n == 1:
+        out = np.empty(H * d, np.float32)
+        q16 = q.astype(np.float16).astype(np.float32).reshape(-1)
+        for h in range(H):
+            decode._attend_head_one(q16, h * d, keys.view(np.uint16), values.view(np.uint16), L, (h // (H // KV)) * d,
+                                    d, scale, out)
+        np.testing.assert_array_equal(out.reshape(1, -1), expected)

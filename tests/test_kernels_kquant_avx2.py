@@ -18,7 +18,8 @@ from runtime import isa
 from runtime import kernels as K
 from test_kernels import random_activations, random_weights
 
-pytestmark = pytest.mark.skipif(isa.LEVEL != "avx2", reason=f"ggml-cpu runs its AVX2 variants only here ({isa.LEVEL})")
+# ggml's K-quant vec_dots have only an AVX2 branch, so AVX512 builds run them too (isa.X86_AVX2_DOTS)
+pytestmark = pytest.mark.skipif(not isa.X86_AVX2_DOTS, reason=f"ggml-cpu's AVX2 vec_dots do not run here ({isa.LEVEL})")
 
 K_TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 Q8_K_BYTES = 292  # block_q8_K: d f32 | qs int8[256] | bsums int16[16]
@@ -85,9 +86,10 @@ def ggml_vec_dots(lib, qtype: QT, data: np.ndarray, x: np.ndarray) -> np.ndarray
 
 
 def llama_cpp_product(lib, qtype: QT, data: np.ndarray, shape, x: np.ndarray) -> np.ndarray:
-    """x @ W.T as llama.cpp computes it on this CPU: repacked Q4_K (rows % 8 == 0) through the repack kernels, every
+    """x @ W.T as llama.cpp computes it on this CPU: repacked Q4_K (and on AVX512 Q2_K; rows % 8 == 0) through the
+    repack kernels, every
     other K-quant matrix through a ggml_mul_mat graph (tiled from 8 rows, vec_dot below)."""
-    if qtype == QT.Q4_K and shape[0] % 8 == 0:
+    if (qtype == QT.Q4_K or (qtype == QT.Q2_K and isa.AVX512)) and shape[0] % 8 == 0:  # ggml's repack buffer
         from test_kernels_repack import ggml_product
 
         return ggml_product(lib, qtype, data, shape, x)
@@ -135,9 +137,11 @@ def test_products_bit_exact(qtype, rows, cols, ggml_cpu, rng):
 
 
 def test_dispatch_follows_ggml_on_avx2():
-    """What ggml-cpu runs here: only Q4_K is repacked (q2_K_8x8 needs AVX512), every K-quant matvec is the AVX2
-    vec_dot (or Q4_K's gemv)."""
+    """What ggml-cpu runs here: Q4_K is repacked (and Q2_K on AVX512: q2_K_8x8 needs it), every other K-quant matvec
+    is the AVX2 vec_dot (or Q4_K's gemv)."""
     from runtime import kernels_kquant_avx2 as A
+
+    assert (A.AVX2_KQUANT[QT.Q2_K][0] is A.matvec_q2_k_repacking) == isa.AVX512
 
     for qtype, (matvec, matmul) in A.AVX2_KQUANT.items():
         assert K._TYPES[qtype].matvec is matvec and K._TYPES[qtype].matmul is matmul

@@ -294,6 +294,30 @@ def test_smollm2_prefill_is_llamacpp_bit_for_bit():
     assert np.array_equal(got, ref), f"native vs llama.cpp prefill: {logit_agreement(ref, got)}"
 
 
+@pytest.mark.slow
+def test_smollm2_decode_is_llamacpp_bit_for_bit():
+    """Token-by-token decoding after a prefill, native vs llama.cpp on the shipped Q4_1 file: identical logits at
+    every step. One token takes other ggml paths than a batch (ggml_vec_dot_* instead of tinyBLAS or the repacked
+    gemm, ggml_vec_dot_f16 for the attention), in their AVX2 order on AVX2 and AVX512 builds alike."""
+    from runtime import isa
+
+    if not isa.X86_AVX2_DOTS:
+        pytest.skip(f"no mirrored ggml-cpu variant for {isa.LEVEL}")
+    from llmq.data import EVAL_YEARS, smollm2_gguf_path, sotu_text
+    from runtime.generate import NativeEngine
+    from runtime.llamacpp_engine import LlamaCppEngine
+
+    path = smollm2_gguf_path()
+    reference = LlamaCppEngine(path, n_ctx=512, threads=2)
+    tokens = reference.tokenizer.encode(sotu_text(*EVAL_YEARS)[:3000], add_special=False)[:130]
+    ref = [reference.eval(tokens[:100])[-1]] + [reference.eval(tokens[i:i + 1])[-1] for i in range(100, 130)]
+    del reference
+    native = NativeEngine.from_gguf(path, n_ctx=512, threads=2, all_logits=True)
+    got = [native.eval(tokens[:100])[-1]] + [native.eval(tokens[i:i + 1])[-1] for i in range(100, 130)]
+    same = [bool(np.array_equal(a, b)) for a, b in zip(ref, got)]
+    assert all(same), f"first differing step {same.index(False)}: {logit_agreement(np.array(ref), np.array(got))}"
+
+
 def logit_agreement(ref: np.ndarray, got: np.ndarray) -> dict:
     def log_softmax(x):
         x = x.astype(np.float64) - x.max(-1, keepdims=True)
