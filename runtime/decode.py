@@ -376,6 +376,40 @@ def _attend_head(q, q0, k_cache, v_cache, L, kv_col, d, scale, out):
 _DOT_STEP = 64  # ggml_vec_dot_f16 on AVX512: GGML_F32_STEP, 4 accumulators (GGML_F32_ARR) of 16 lanes
 
 
+@intrinsic
+def _key_score_steps(typingctx, q, q0, keys, j, col, n):
+    """ggml_vec_dot_f16 (AVX512) over the first n elements (a multiple of 64) of q[q0:] and keys[j, col:] (half
+    bits): accumulator a (a < 4) adds the products of elements 64s + 16a .. 64s + 16a + 15; then (0 + 2) + (1 + 3)
+    lane by lane and _reduce_add_16. The LLVM vector form of _attend_head_one's score loop."""
+    sig = types.float32(q, types.int64, keys, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        qt, _, kt, _, _, _ = signature.args
+        qv, q_start, kv, row, col, dim = args
+        i64 = ir.IntType(64)
+        v16 = ir.VectorType(ir.FloatType(), _LANES)
+
+        def product(off):
+            qs = builder.load(_f32_row16_ptr(builder, context, qt, qv, builder.add(q_start, off)), align=4)
+            return builder.fmul(qs, _half_row16(builder, context, kt, kv, row, builder.add(col, off)))
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * _LANES)) for _ in range(4)]
+        n_steps = builder.udiv(dim, ir.Constant(i64, _DOT_STEP))
+        with cgutils.for_range(builder, n_steps) as loop:
+            base = builder.mul(loop.index, ir.Constant(i64, _DOT_STEP))
+            for a, acc in enumerate(accs):
+                builder.store(builder.fadd(builder.load(acc), product(builder.add(base, ir.Constant(i64, 16 * a)))),
+                              acc)
+        x0, x1, x2, x3 = (builder.load(acc) for acc in accs)
+        v = builder.fadd(builder.fadd(x0, x2), builder.fadd(x1, x3))
+        for n in (8, 4, 2):  # _reduce_add_16: high half + low half, three times, then the last two
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n, 2 * n))))
+            v = builder.fadd(hi, lo)
+        return builder.fadd(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)),
+                            builder.extract_element(v, ir.Constant(ir.IntType(32), 1)))
+    return sig, codegen
+
+
 @_jit
 def _reduce_dot_step(acc, tmp):
     """GGML_F32x16_REDUCE of ggml_vec_dot_f16's accumulators acc[16 * a + lane]: (0 + 2), (1 + 3), their sum, then
@@ -398,12 +432,7 @@ def _attend_head_one(q, q0, k_cache, v_cache, L, kv_col, d, scale, out):
     scores = np.empty(L, np.float32)
     full = d - d % _DOT_STEP
     for j in range(L):
-        for i in range(_DOT_STEP):
-            acc[i] = 0
-        for i0 in range(0, full, _DOT_STEP):
-            for i in range(_DOT_STEP):
-                acc[i] += q[q0 + i0 + i] * half_to_f32(k_cache[j, kv_col + i0 + i])
-        s = np.float64(_reduce_dot_step(acc, tmp))
+        s = np.float64(_key_score_steps(q, q0, k_cache, j, kv_col, full))
         for i in range(full, d):
             s += np.float64(q[q0 + i] * half_to_f32(k_cache[j, kv_col + i]))
         scores[j] = np.float32(s) * scale
@@ -422,10 +451,7 @@ def _attend_head_one(q, q0, k_cache, v_cache, L, kv_col, d, scale, out):
     inv = np.float32(1.0 / total)
     mix = np.zeros((_DOT_STEP, d), np.float32)
     for j in range(L):
-        p = round_half(scores[j] * inv)
-        slot = j % _DOT_STEP
-        for e in range(d):
-            mix[slot, e] += p * half_to_f32(v_cache[j, kv_col + e])
+        _mix_value(mix, j % _DOT_STEP, round_half(scores[j] * inv), v_cache, j, kv_col, d)  # slot j % 64
     for e in range(d):
         for i in range(_DOT_STEP):
             acc[i] = mix[i, e]

@@ -131,8 +131,9 @@ def dot_q4_0_repacked(w, r, xq, xsum, xd, f16):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The same dots as LLVM vector code (what the kernels below run; the functions above are their readable form and what
-# the tests compare them with). Per block: the 32 weight values and activation quants as <32 x i16>, products summed
-# in pairs twice -> <8 x i32> lane sums (elements 4l..4l+3: pmaddwd-like, exact), then
+# the tests compare them with). Per block: the 32 signed weight values and activation quants as <32 x i8>, multiplied
+# and summed by ggml's own AVX2 instructions (vpsignb, vpmaddubsw, vpmaddwd) -> <8 x i32> lane sums (elements
+# 4l..4l+3), then
 #   8 lanes:      acc8 = fma(splat(d_w * d_x), float(lane sums), acc8); at the end hsum_float_8(acc8)
 #   sequential:   acc = fma(float(sum of the 8 lane sums), d_w * d_x, acc)
 
@@ -166,6 +167,13 @@ def _make_dot_vec(kind, sequential):
 
             fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]),
                                                   "llvm.fma.v8f32")
+            v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+            psign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
+                                                   "llvm.x86.avx2.psign.b")
+            maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                                     "llvm.x86.avx2.pmadd.ub.sw")
+            madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                                  "llvm.x86.avx2.pmadd.wd")
             fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
                                                   "llvm.fma.f32")
             acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8) if not sequential
@@ -175,31 +183,28 @@ def _make_dot_vec(kind, sequential):
                 block = builder.gep(w_base, [builder.mul(b, block_stride)])
                 d = builder.fpext(builder.bitcast(load(block, i16), ir.HalfType()), f32)
                 scale = builder.fmul(d, builder.load(builder.gep(xd_a.data, [b])))
-                x16 = builder.sext(load(builder.gep(xq_base, [builder.mul(b, ir.Constant(i64, 32))]),
-                                        ir.VectorType(i8, 32)), ir.VectorType(i16, 32))
+                x8 = load(builder.gep(xq_base, [builder.mul(b, ir.Constant(i64, 32))]), v32i8)
                 if kind == "Q8_0":
-                    q16 = builder.sext(load(builder.gep(block, [ir.Constant(i64, 2)]), ir.VectorType(i8, 32)),
-                                       ir.VectorType(i16, 32))
-                else:
+                    q8 = load(builder.gep(block, [ir.Constant(i64, 2)]), v32i8)
+                else:  # bytes_from_nibbles_32 (+ the fifth bits of Q5_0), minus the offset: signed values
                     qs = load(builder.gep(block, [ir.Constant(i64, 2 if kind == "Q4_0" else 6)]), ir.VectorType(i8, 16))
                     lo = builder.and_(qs, vec(i8, [15] * 16))
                     hi = builder.lshr(qs, vec(i8, [4] * 16))
-                    q16 = builder.zext(builder.shuffle_vector(lo, hi, vec(i32, list(range(32)))),
-                                       ir.VectorType(i16, 32))
+                    q8 = builder.shuffle_vector(lo, hi, vec(i32, list(range(32))))
                     if kind == "Q5_0":  # bit j of qh is the fifth bit of element j
                         qh = load(builder.gep(block, [ir.Constant(i64, 2)]), i32)
                         qh32 = builder.shuffle_vector(
                             builder.insert_element(ir.Constant(ir.VectorType(i32, 32), None), qh, ir.Constant(i32, 0)),
                             ir.Constant(ir.VectorType(i32, 32), None), vec(i32, [0] * 32))
                         bits = builder.and_(builder.lshr(qh32, vec(i32, list(range(32)))), vec(i32, [1] * 32))
-                        q16 = builder.or_(q16, builder.shl(builder.trunc(bits, ir.VectorType(i16, 32)),
-                                                           vec(i16, [4] * 32)))
-                    q16 = builder.sub(q16, vec(i16, [8 if kind == "Q4_0" else 16] * 32))
-                p = builder.sext(builder.mul(q16, x16), ir.VectorType(i32, 32))  # |q * x| <= 128 * 127
-                pairs = builder.add(builder.shuffle_vector(p, p, vec(i32, list(range(0, 32, 2)))),
-                                    builder.shuffle_vector(p, p, vec(i32, list(range(1, 32, 2)))))
-                quads = builder.add(builder.shuffle_vector(pairs, pairs, vec(i32, list(range(0, 16, 2)))),
-                                    builder.shuffle_vector(pairs, pairs, vec(i32, list(range(1, 16, 2)))))
+                        q8 = builder.or_(q8, builder.shl(builder.trunc(bits, v32i8), vec(i8, [4] * 32)))
+                    q8 = builder.sub(q8, vec(i8, [8 if kind == "Q4_0" else 16] * 32))
+                # ggml's mul_sum_i8_pairs_float: |q| (unsigned) times y with q's sign, maddubs (byte pairs -> i16),
+                # madd with ones (i16 pairs -> i32): lane l = elements 4l..4l+3, the very instructions ggml runs
+                ax = builder.call(psign, [q8, q8])
+                sy = builder.call(psign, [x8, q8])
+                dot = builder.call(maddubs, [ax, sy])
+                quads = builder.call(madd, [dot, vec(i16, [1] * 16)])
                 if sequential:
                     v = quads  # integer tree sum (exact in any order)
                     for half in (4, 2, 1):
@@ -414,6 +419,13 @@ def _make_gemm_tile(rm, rn, sequential):
                                                     "llvm.x86.avx2.pmadd.wd")
             fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]),
                                                   "llvm.fma.v8f32")
+            v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+            psign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
+                                                   "llvm.x86.avx2.psign.b")
+            maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                                     "llvm.x86.avx2.pmadd.ub.sw")
+            madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                                  "llvm.x86.avx2.pmadd.wd")
             fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
                                                   "llvm.fma.f32")
             phadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i]),
