@@ -19,13 +19,15 @@ GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type ids for typ
 
 
 def _restore_omp_wait_policy() -> None:
-    """runtime.kernels asks libgomp for sleeping workers (OMP_WAIT_POLICY=PASSIVE) for numba's threads; llama.cpp's
-    ggml-cpu uses libgomp too and must run with its own default, so the variable is dropped again before llama_cpp
-    loads libgomp (a value the user set stays)."""
+    """runtime.kernels asks libgomp for sleeping workers (OMP_WAIT_POLICY=PASSIVE, a short GOMP_SPINCOUNT) for
+    numba's threads; llama.cpp's ggml-cpu uses libgomp too and must run with its own default, so the variables are
+    dropped again before llama_cpp loads libgomp (values the user set stay)."""
     from . import kernels
 
     if kernels.OMP_WAIT_POLICY_SET_HERE and os.environ.get("OMP_WAIT_POLICY") == "PASSIVE":
         del os.environ["OMP_WAIT_POLICY"]
+    if kernels.GOMP_SPINCOUNT_SET_HERE and os.environ.get("GOMP_SPINCOUNT") == kernels.GOMP_SPINCOUNT:
+        del os.environ["GOMP_SPINCOUNT"]
 
 
 class LlamaCppTokenizer:
