@@ -23,7 +23,8 @@ from numba.extending import intrinsic
 
 from . import kernels
 from .kernels import (QK, QK_K, _block_sums, _dot_q2_k, _dot_q3_k, _dot_q4_0, _dot_q4_1, _dot_q4_k, _dot_q5_0,
-                      _dot_q5_1, _dot_q5_k, _dot_q6_k, _dot_q8_0, _dot_rows16_q4_0, _dot_rows16_q5_0,
+                      _dot_q5_1, _dot_q5_k, _dot_q6_k, _dot_q8_0, _dot_rows16_q4_0, _dot_rows16_q4_0_repacked,
+                      _dot_rows16_q5_0,
                       _dot_rows16_q8_0, _jit, _kernel, _quantize_q8_0_cpu,
                       _quantize_q8_1_cpu, _quantize_q8_k)
 from .kvcache import _reduce_add_16, f32_to_half, ggml_expf, half_to_f32, round_half
@@ -173,6 +174,10 @@ def _dot_rows(w, code, r0, r1, act, f16, out, o0):
     o = o0 - r0
     if (code == _Q4_0 or code == _Q8_0 or code == _Q5_0) and _AVX2_DOTS:  # kernels_avx2's matvec, row by row
         repacked = w.shape[0] % 8 == 0  # Q4_0: ggml's repacked gemv order
+        if code == _Q4_0 and repacked:
+            while r0 + 16 <= r1:  # 16 rows in one vector, as kernels_avx2._matvec_q4_0
+                _dot_rows16_q4_0_repacked(w, r0, q8_0, sum8_0, d8_0, out, o + r0)
+                r0 += 16
         for r in range(r0, r1):
             if code == _Q8_0:
                 out[o + r] = _dot_vec_q8_0(w, r, q8_0, d8_0)

@@ -555,8 +555,10 @@ def _fold_rows(builder, vectors):
     return vectors[0]
 
 
-def _make_dot_rows16(kind):
-    """An intrinsic (w, r0, xq, xsum, xd, out, o): out[o + k] = _dot_<kind>(w[r0 + k], xq, xsum, xd) for k < 16."""
+def _make_dot_rows16(kind, fused=False):
+    """An intrinsic (w, r0, xq, xsum, xd, out, o): out[o + k] = _dot_<kind>(w[r0 + k], xq, xsum, xd) for k < 16.
+    fused=True: acc = fma(float(s - offset * xsum), d * xd, acc) instead, the order of ggml's repacked Q4_0 gemv
+    (kernels_avx2._dot_vec_q4_0_repacked, 16 rows at a time)."""
 
     @intrinsic
     def dot_rows16(typingctx, w, r0, xq, xsum, xd, out, o):
@@ -631,8 +633,15 @@ def _make_dot_rows16(kind):
                 xd16 = builder.shuffle_vector(
                     builder.insert_element(ir.Constant(ir.VectorType(f32, 16), None), xd_b, ir.Constant(i32, 0)),
                     ir.Constant(ir.VectorType(f32, 16), None), const_vec(i32, [0] * 16))
-                term = builder.fmul(builder.sitofp(s, ir.VectorType(f32, 16)), builder.fmul(d, xd16))
-                builder.store(builder.fadd(builder.load(acc), term), acc)
+                if fused:
+                    v16f = ir.VectorType(f32, 16)
+                    fma16 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3),
+                                                           "llvm.fma.v16f32")
+                    builder.store(builder.call(fma16, [builder.sitofp(s, v16f), builder.fmul(d, xd16),
+                                                       builder.load(acc)]), acc)
+                else:
+                    term = builder.fmul(builder.sitofp(s, ir.VectorType(f32, 16)), builder.fmul(d, xd16))
+                    builder.store(builder.fadd(builder.load(acc), term), acc)
             out_a = context.make_array(out_t)(context, builder, out_v)
             dst = builder.bitcast(builder.gep(out_a.data, [o_v]), ir.VectorType(f32, 16).as_pointer())
             builder.store(builder.load(acc), dst, align=4)
@@ -645,6 +654,7 @@ _KIND_Q4_0, _KIND_Q4_1, _KIND_Q5_0, _KIND_Q8_0, _KIND_Q5_1 = 0, 1, 2, 3, 4
 _dot_rows16_q4_0 = _make_dot_rows16(_KIND_Q4_0)
 _dot_rows16_q5_0 = _make_dot_rows16(_KIND_Q5_0)
 _dot_rows16_q8_0 = _make_dot_rows16(_KIND_Q8_0)
+_dot_rows16_q4_0_repacked = _make_dot_rows16(_KIND_Q4_0, fused=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

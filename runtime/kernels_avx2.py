@@ -44,8 +44,8 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .kernels import (QK, _f16_at, _fma, _hsum_float_8, _int8_at, _jit_inline, _kernel, _quantize_q8_0_cpu,
-                      _quantize_q8_1_cpu, _u32_at)
+from .kernels import (QK, _block_sums, _dot_rows16_q4_0_repacked, _f16_at, _fma, _hsum_float_8, _int8_at, _jit_inline,
+                      _kernel, _quantize_q8_0_cpu, _quantize_q8_1_cpu, _u32_at)
 
 _ROWS_PER_TASK = 16
 
@@ -271,9 +271,14 @@ def _matvec_q4_0(w, x, f16):
     xd = np.empty(nb, np.float32)
     _quantize_q8_0_cpu(x, xq, xd)
     repacked = w.shape[0] % 8 == 0
+    xsum = _block_sums(xq)
     out = np.empty(w.shape[0], np.float32)
     for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+        r0, r1 = task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)
+        if repacked and r1 - r0 == 16:  # the gemv's order, 16 rows in one vector
+            _dot_rows16_q4_0_repacked(w, r0, xq, xsum, xd, out, r0)
+            continue
+        for r in range(r0, r1):
             if repacked:
                 out[r] = _dot_vec_q4_0_repacked(w, r, xq, xd)
             else:
