@@ -41,7 +41,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .kernels import (QK_K, _byte, _dot_q2_k, _dot_q4_k, _f16_at, _fma, _jit, _kernel, _quantize_q8_k,
                       _scales_mins_k4)
@@ -319,22 +322,57 @@ def _openblas():
 # Decode: ggml_gemv_*_8x8_q8_K, one fma pair per block.
 
 
+@intrinsic
+def _q4_k_subblock_dots(typingctx, w, r, b, xq, out):
+    """out[2k] / out[2k + 1] = the low / high nibbles of the 32 bytes 16 + 32k.. of block b of row r against
+    xq[b, 64k:64k + 32] / xq[b, 64k + 32:64k + 64], k < 4 (exact integers; LLVM vector code, portable)."""
+    sig = types.void(w, types.int64, types.int64, xq, out)
+
+    def codegen(context, builder, signature, args):
+        w_t, _, _, xq_t, out_t = signature.args
+        w_v, r_v, b_v, xq_v, out_v = args
+        i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+        w_a = context.make_array(w_t)(context, builder, w_v)
+        xq_a = context.make_array(xq_t)(context, builder, xq_v)
+        out_a = context.make_array(out_t)(context, builder, out_v)
+        offset = builder.add(builder.mul(r_v, builder.extract_value(w_a.strides, 0)),
+                             builder.mul(b_v, builder.extract_value(w_a.strides, 1)))
+        block = builder.gep(builder.bitcast(w_a.data, i8.as_pointer()), [offset])
+        xrow = builder.gep(builder.bitcast(xq_a.data, i8.as_pointer()),
+                           [builder.mul(b_v, builder.extract_value(xq_a.strides, 0))])
+        v32 = ir.VectorType(i8, 32)
+        reduce_add = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i32, [ir.VectorType(i32, 32)]), "llvm.vector.reduce.add.v32i32")
+
+        def load(ptr, at):
+            return builder.load(builder.bitcast(builder.gep(ptr, [ir.Constant(i64, at)]), v32.as_pointer()), align=1)
+
+        def dot(q, x):  # q 0..15, |x| <= 128: products fit in i16
+            p = builder.mul(builder.zext(q, ir.VectorType(i16, 32)), builder.sext(x, ir.VectorType(i16, 32)))
+            return builder.call(reduce_add, [builder.sext(p, ir.VectorType(i32, 32))])
+        for k in range(4):
+            q = load(block, 16 + 32 * k)
+            lo = builder.and_(q, ir.Constant(v32, [15] * 32))
+            hi = builder.lshr(q, ir.Constant(v32, [4] * 32))
+            for h, codes in enumerate((lo, hi)):
+                builder.store(dot(codes, load(xrow, 64 * k + 32 * h)),
+                              builder.gep(out_a.data, [ir.Constant(i64, 2 * k + h)]))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 @_jit
 def _gemv_dot_q4_k(w, r, xq, xd, xbsums, f16):
     acc = np.float32(0.0)
     accm = np.float32(0.0)
     wr = w[r]
+    sub = np.empty(8, np.int32)
     for b in range(wr.shape[0]):
         scales, mins = _scales_mins_k4(w, r, b)
+        _q4_k_subblock_dots(w, r, b, xq, sub)
         isum = np.int32(0)
         for k in range(4):
-            lo = np.int32(0)
-            hi = np.int32(0)
-            for j in range(32):
-                q = wr[b, 16 + 32 * k + j]
-                lo += np.int32(q & np.uint8(15)) * np.int32(xq[b, 64 * k + j])
-                hi += np.int32(q >> np.uint8(4)) * np.int32(xq[b, 64 * k + 32 + j])
-            isum += _byte(scales, 2 * k) * lo + _byte(scales, 2 * k + 1) * hi
+            isum += _byte(scales, 2 * k) * sub[2 * k] + _byte(scales, 2 * k + 1) * sub[2 * k + 1]
         msum = np.int32(0)
         for s in range(8):
             msum += _byte(mins, s) * (xbsums[b, 2 * s] + xbsums[b, 2 * s + 1])
