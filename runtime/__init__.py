@@ -8,11 +8,32 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 from llmq.errors import LlmqError
 
-from .gguf_file import open_gguf, open_layout, read_metadata, tensors
-from .kvcache import CACHE_TYPES, KVCache
-from .models import model_module
+
+def _numba_cache_dir() -> None:
+    """Key numba's on-disk cache by all of the runtime's sources. numba revalidates a cached kernel against its own
+    source file only, not against the kernels it inlines from other modules (decode.py's fused layer inlines
+    kernels_avx2's dots, for one), so after an update a stale cached layer could run old arithmetic. A user's
+    NUMBA_CACHE_DIR is kept (as a parent directory)."""
+    from numba.core import config
+
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(f.read_bytes())
+    base = os.environ.get("NUMBA_CACHE_DIR") or str(Path.home() / ".cache" / "llmq" / "numba")
+    config.CACHE_DIR = os.path.join(base, h.hexdigest()[:12])
+
+
+_numba_cache_dir()  # before any kernel module creates its cached dispatchers
+
+from .gguf_file import open_gguf, open_layout, read_metadata, tensors  # noqa: E402
+from .kvcache import CACHE_TYPES, KVCache  # noqa: E402
+from .models import model_module  # noqa: E402
 
 
 def load_gguf(path, *, n_ctx: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",

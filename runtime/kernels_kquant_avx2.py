@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from . import isa
 from . import kernels_repack as _repack
@@ -189,8 +191,8 @@ def dot_q5_k_avx2(w, r, xq, xd, xbsums, f16, lanes, prod):
 
 
 @_jit_inline
-def dot_q6_k_avx2(w, r, xq, xd, xbsums, f16, lanes, prod):
-    """ggml_vec_dot_q6_K_q8_K, __AVX2__ branch."""
+def dot_q6_k_avx2_scalar(w, r, xq, xd, xbsums, f16, lanes, prod):
+    """ggml_vec_dot_q6_K_q8_K, __AVX2__ branch, written out (dot_q6_k_avx2 is the same with _q6_k_lanes)."""
     for l in range(8):
         lanes[l] = np.float32(0.0)
     wr = w[r]
@@ -212,6 +214,80 @@ def dot_q6_k_avx2(w, r, xq, xd, xbsums, f16, lanes, prod):
                 s += np.int32(np.int8(wr[b, 192 + 2 * c + (l >> 2)])) * _lane(prod, c, l)
             s -= 32 * (xbsums[b, 2 * l] * np.int32(np.int8(wr[b, 192 + 2 * l]))
                        + xbsums[b, 2 * l + 1] * np.int32(np.int8(wr[b, 193 + 2 * l])))
+            lanes[l] = _fma(d, np.float32(s), lanes[l])
+    return _hsum_float_8(lanes)
+
+
+@intrinsic
+def _q6_k_lanes(typingctx, w, r, b, xq, out):
+    """out[0:8] = the 8 integer lanes of block b of row r in dot_q6_k_avx2_scalar before the -32 offset: lane l =
+    sum over the 8 chunks c of 32 elements of scale(2c + l // 4) * (codes . activations of elements 32c + 4l..+3).
+    LLVM vector code (portable): codes 0..63 times |x| <= 128 fit in i16."""
+    sig = types.void(w, types.int64, types.int64, xq, out)
+
+    def codegen(context, builder, signature, args):
+        w_t, _, _, xq_t, out_t = signature.args
+        w_v, r_v, b_v, xq_v, out_v = args
+        i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+        v32, v8i = ir.VectorType(i8, 32), ir.VectorType(i32, 8)
+        w_a = context.make_array(w_t)(context, builder, w_v)
+        xq_a = context.make_array(xq_t)(context, builder, xq_v)
+        out_a = context.make_array(out_t)(context, builder, out_v)
+        offset = builder.add(builder.mul(r_v, builder.extract_value(w_a.strides, 0)),
+                             builder.mul(b_v, builder.extract_value(w_a.strides, 1)))
+        block = builder.gep(builder.bitcast(w_a.data, i8.as_pointer()), [offset])
+        xrow = builder.gep(builder.bitcast(xq_a.data, i8.as_pointer()),
+                           [builder.mul(b_v, builder.extract_value(xq_a.strides, 0))])
+
+        def vec(ty, n, value):
+            return ir.Constant(ir.VectorType(ty, n), [value] * n)
+
+        def load(ptr, at, ty=v32):
+            return builder.load(builder.bitcast(builder.gep(ptr, [ir.Constant(i64, at)]), ty.as_pointer()), align=1)
+
+        def shuffle(v, idx):
+            return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, len(idx)), idx))
+        lanes = ir.Constant(v8i, [0] * 8)
+        for n in range(2):
+            ql_a, ql_b, qh = load(block, 64 * n), load(block, 64 * n + 32), load(block, 128 + 32 * n)
+            low4 = vec(i8, 32, 15)
+            codes = [builder.or_(builder.and_(ql_a, low4), builder.shl(builder.and_(qh, vec(i8, 32, 3)), vec(i8, 32, 4))),
+                     builder.or_(builder.and_(ql_b, low4),
+                                 builder.shl(builder.and_(builder.lshr(qh, vec(i8, 32, 2)), vec(i8, 32, 3)),
+                                             vec(i8, 32, 4))),
+                     builder.or_(builder.lshr(ql_a, vec(i8, 32, 4)),
+                                 builder.shl(builder.and_(builder.lshr(qh, vec(i8, 32, 4)), vec(i8, 32, 3)),
+                                             vec(i8, 32, 4))),
+                     builder.or_(builder.lshr(ql_b, vec(i8, 32, 4)),
+                                 builder.shl(builder.lshr(qh, vec(i8, 32, 6)), vec(i8, 32, 4)))]
+            for t, q in enumerate(codes):
+                c = 4 * n + t
+                x = load(xrow, 32 * c)
+                p = builder.sext(builder.mul(builder.zext(q, ir.VectorType(i16, 32)), builder.sext(x, ir.VectorType(i16, 32))),
+                                 ir.VectorType(i32, 32))
+                pairs = builder.add(shuffle(p, list(range(0, 32, 2))), shuffle(p, list(range(1, 32, 2))))
+                quads = builder.add(shuffle(pairs, list(range(0, 16, 2))), shuffle(pairs, list(range(1, 16, 2))))
+                sc = builder.sext(load(block, 192 + 2 * c, ir.VectorType(i8, 2)), ir.VectorType(i32, 2))
+                scale = builder.shuffle_vector(sc, sc, ir.Constant(ir.VectorType(i32, 8), [0] * 4 + [1] * 4))
+                lanes = builder.add(lanes, builder.mul(quads, scale))
+        for l in range(8):
+            builder.store(builder.extract_element(lanes, ir.Constant(i32, l)),
+                          builder.gep(out_a.data, [ir.Constant(i64, l)]))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@_jit_inline
+def dot_q6_k_avx2(w, r, xq, xd, xbsums, f16, lanes, prod):
+    """ggml_vec_dot_q6_K_q8_K, __AVX2__ branch (integer lanes by _q6_k_lanes into prod[0:8])."""
+    for l in range(8):
+        lanes[l] = np.float32(0.0)
+    for b in range(w.shape[1]):
+        d = xd[b] * _f16_at(w, r, b, 208, f16)
+        _q6_k_lanes(w, r, b, xq, prod)
+        for l in range(8):
+            s = prod[l] - 32 * (xbsums[b, 2 * l] * np.int32(np.int8(w[r, b, 192 + 2 * l]))
+                                + xbsums[b, 2 * l + 1] * np.int32(np.int8(w[r, b, 193 + 2 * l])))
             lanes[l] = _fma(d, np.float32(s), lanes[l])
     return _hsum_float_8(lanes)
 
