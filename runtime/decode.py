@@ -297,6 +297,16 @@ def _f32_row16_ptr(builder, context, arr_type, arr, offset):
                                             [builder.mul(offset, ir.Constant(ir.IntType(64), 4))]))
 
 
+def _emit_reduce_add_16(builder, v):
+    """_reduce_add_16 of a <16 x float> as LLVM code: high half + low half, three times, then the last two."""
+    for n in (8, 4, 2):
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n, 2 * n))))
+        v = builder.fadd(hi, lo)
+    return builder.fadd(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)),
+                        builder.extract_element(v, ir.Constant(ir.IntType(32), 1)))
+
+
 @intrinsic
 def _key_score(typingctx, q, q0, keys, j, col, d):
     """kvcache's score of one key before scaling: ggml's 16 float lanes, lane i = q[q0+i]*k[i] + q[q0+i+16]*k[i+16]
@@ -318,12 +328,7 @@ def _key_score(typingctx, q, q0, keys, j, col, d):
         with cgutils.for_range_slice(builder, ir.Constant(i64, 1), n_chunks, ir.Constant(i64, 1)) as (chunk, _):
             builder.store(builder.fadd(builder.load(acc), product(chunk)), acc)
         v = builder.load(acc)
-        for n in (8, 4, 2):  # _reduce_add_16: high half + low half, three times, then the last two
-            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n, 2 * n))))
-            v = builder.fadd(hi, lo)
-        return builder.fadd(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)),
-                            builder.extract_element(v, ir.Constant(ir.IntType(32), 1)))
+        return _emit_reduce_add_16(builder, v)
     return sig, codegen
 
 
@@ -406,12 +411,7 @@ def _key_score_steps(typingctx, q, q0, keys, j, col, n):
                               acc)
         x0, x1, x2, x3 = (builder.load(acc) for acc in accs)
         v = builder.fadd(builder.fadd(x0, x2), builder.fadd(x1, x3))
-        for n in (8, 4, 2):  # _reduce_add_16: high half + low half, three times, then the last two
-            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
-            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n, 2 * n))))
-            v = builder.fadd(hi, lo)
-        return builder.fadd(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)),
-                            builder.extract_element(v, ir.Constant(ir.IntType(32), 1)))
+        return _emit_reduce_add_16(builder, v)
     return sig, codegen
 
 

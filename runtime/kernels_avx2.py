@@ -424,13 +424,6 @@ def _make_gemm_tile(rm, rn, sequential):
                                                     "llvm.x86.avx2.pmadd.wd")
             fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]),
                                                   "llvm.fma.v8f32")
-            v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
-            psign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
-                                                   "llvm.x86.avx2.psign.b")
-            maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
-                                                     "llvm.x86.avx2.pmadd.ub.sw")
-            madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
-                                                  "llvm.x86.avx2.pmadd.wd")
             fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
                                                   "llvm.fma.f32")
             phadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i]),

@@ -226,18 +226,9 @@ def _q6_k_lanes(typingctx, w, r, b, xq, out):
     sig = types.void(w, types.int64, types.int64, xq, out)
 
     def codegen(context, builder, signature, args):
-        w_t, _, _, xq_t, out_t = signature.args
-        w_v, r_v, b_v, xq_v, out_v = args
         i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
         v32, v8i = ir.VectorType(i8, 32), ir.VectorType(i32, 8)
-        w_a = context.make_array(w_t)(context, builder, w_v)
-        xq_a = context.make_array(xq_t)(context, builder, xq_v)
-        out_a = context.make_array(out_t)(context, builder, out_v)
-        offset = builder.add(builder.mul(r_v, builder.extract_value(w_a.strides, 0)),
-                             builder.mul(b_v, builder.extract_value(w_a.strides, 1)))
-        block = builder.gep(builder.bitcast(w_a.data, i8.as_pointer()), [offset])
-        xrow = builder.gep(builder.bitcast(xq_a.data, i8.as_pointer()),
-                           [builder.mul(b_v, builder.extract_value(xq_a.strides, 0))])
+        block, xrow, out_a = _repack.block_pointers(context, builder, signature, args)
 
         def vec(ty, n, value):
             return ir.Constant(ir.VectorType(ty, n), [value] * n)
@@ -382,25 +373,32 @@ def matvec_q6_k_avx2(w, x, f16):
 # Entry points for kernels._TYPES (blocks view, x, F16_TO_F32) -> float32, where ggml sends each product on AVX2
 
 
-@_kernel(parallel=True)
-def matvec_q4_k(w, x, f16):
-    """Decode: ggml's repacked gemv order when W has a row count divisible by 8 (kernels_repack), else
-    ggml_vec_dot_q4_K_q8_K (AVX2)."""
-    xq = np.empty((w.shape[1], QK_K), np.int8)
-    xd = np.empty(w.shape[1], np.float32)
-    xbsums = np.empty((w.shape[1], QK_K // 16), np.int32)
-    _quantize_q8_k(x, xq, xd, xbsums)
-    repacked = w.shape[0] % REPACK_ROWS == 0
-    out = np.empty(w.shape[0], np.float32)
-    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        lanes = np.empty(8, np.float32)
-        prod = np.empty(QK_K, np.int32)
-        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
-            if repacked:
-                out[r] = _gemv_dot_q4_k(w, r, xq, xd, xbsums, f16)
-            else:
-                out[r] = dot_q4_k_avx2(w, r, xq, xd, xbsums, f16, lanes, prod)
-    return out
+def _repacking_matvec(gemv_dot, vec_dot):
+    """W @ x where ggml repacks W when its row count is divisible by 8: gemv_dot's order then, else vec_dot's."""
+
+    @_kernel(parallel=True)
+    def matvec(w, x, f16):
+        xq = np.empty((w.shape[1], QK_K), np.int8)
+        xd = np.empty(w.shape[1], np.float32)
+        xbsums = np.empty((w.shape[1], QK_K // 16), np.int32)
+        _quantize_q8_k(x, xq, xd, xbsums)
+        repacked = w.shape[0] % REPACK_ROWS == 0
+        out = np.empty(w.shape[0], np.float32)
+        for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+            lanes = np.empty(8, np.float32)
+            prod = np.empty(QK_K, np.int32)
+            for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+                if repacked:
+                    out[r] = gemv_dot(w, r, xq, xd, xbsums, f16)
+                else:
+                    out[r] = vec_dot(w, r, xq, xd, xbsums, f16, lanes, prod)
+        return out
+    return matvec
+
+
+# Decode: ggml's repacked gemv order when W has a row count divisible by 8 (kernels_repack), else
+# ggml_vec_dot_q4_K_q8_K (AVX2).
+matvec_q4_k = _repacking_matvec(_gemv_dot_q4_k, dot_q4_k_avx2)
 
 
 def matmul_q4_k(w, x, f16):
@@ -414,24 +412,8 @@ _matmul_q4_k_unpacked = _tiled._entry(QT.Q4_K, matvec_q4_k_avx2)
 matmul_q2_k = _tiled._entry(QT.Q2_K, matvec_q2_k_avx2)  # no Q2_K repack without AVX512
 
 
-@_kernel(parallel=True)
-def matvec_q2_k_repacking(w, x, f16):
-    """Decode on AVX512 builds, which repack Q2_K: the gemv order for rows % 8 == 0, else the AVX2 vec_dot."""
-    xq = np.empty((w.shape[1], QK_K), np.int8)
-    xd = np.empty(w.shape[1], np.float32)
-    xbsums = np.empty((w.shape[1], QK_K // 16), np.int32)
-    _quantize_q8_k(x, xq, xd, xbsums)
-    repacked = w.shape[0] % REPACK_ROWS == 0
-    out = np.empty(w.shape[0], np.float32)
-    for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        lanes = np.empty(8, np.float32)
-        prod = np.empty(QK_K, np.int32)
-        for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
-            if repacked:
-                out[r] = _gemv_dot_q2_k(w, r, xq, xd, xbsums, f16)
-            else:
-                out[r] = dot_q2_k_avx2(w, r, xq, xd, xbsums, f16, lanes, prod)
-    return out
+# Decode on AVX512 builds, which repack Q2_K: the gemv order for rows % 8 == 0, else the AVX2 vec_dot.
+matvec_q2_k_repacking = _repacking_matvec(_gemv_dot_q2_k, dot_q2_k_avx2)
 
 
 def matmul_q2_k_repacking(w, x, f16):
@@ -439,6 +421,8 @@ def matmul_q2_k_repacking(w, x, f16):
     if w.shape[0] % REPACK_ROWS == 0:
         return _repack.matmul_q2_k(w, x, f16)
     return matmul_q2_k(w, x, f16)
+
+
 matmul_q3_k = _tiled._entry(QT.Q3_K, matvec_q3_k_avx2)
 matmul_q5_k = _tiled._entry(QT.Q5_K, matvec_q5_k_avx2)
 matmul_q6_k = _tiled._entry(QT.Q6_K, matvec_q6_k_avx2)

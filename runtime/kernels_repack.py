@@ -322,6 +322,22 @@ def _openblas():
 # Decode: ggml_gemv_*_8x8_q8_K, one fma pair per block.
 
 
+def block_pointers(context, builder, signature, args):
+    """For an intrinsic (w, r, b, xq, out): byte pointers to block b of row r of w and to activation row b of xq
+    (blocks, 256), and the out array."""
+    w_t, _, _, xq_t, out_t = signature.args
+    w_v, r_v, b_v, xq_v, out_v = args
+    i8 = ir.IntType(8)
+    w_a = context.make_array(w_t)(context, builder, w_v)
+    xq_a = context.make_array(xq_t)(context, builder, xq_v)
+    offset = builder.add(builder.mul(r_v, builder.extract_value(w_a.strides, 0)),
+                         builder.mul(b_v, builder.extract_value(w_a.strides, 1)))
+    block = builder.gep(builder.bitcast(w_a.data, i8.as_pointer()), [offset])
+    xrow = builder.gep(builder.bitcast(xq_a.data, i8.as_pointer()),
+                       [builder.mul(b_v, builder.extract_value(xq_a.strides, 0))])
+    return block, xrow, context.make_array(out_t)(context, builder, out_v)
+
+
 @intrinsic
 def _q4_k_subblock_dots(typingctx, w, r, b, xq, out):
     """out[2k] / out[2k + 1] = the low / high nibbles of the 32 bytes 16 + 32k.. of block b of row r against
@@ -329,18 +345,9 @@ def _q4_k_subblock_dots(typingctx, w, r, b, xq, out):
     sig = types.void(w, types.int64, types.int64, xq, out)
 
     def codegen(context, builder, signature, args):
-        w_t, _, _, xq_t, out_t = signature.args
-        w_v, r_v, b_v, xq_v, out_v = args
-        i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-        w_a = context.make_array(w_t)(context, builder, w_v)
-        xq_a = context.make_array(xq_t)(context, builder, xq_v)
-        out_a = context.make_array(out_t)(context, builder, out_v)
-        offset = builder.add(builder.mul(r_v, builder.extract_value(w_a.strides, 0)),
-                             builder.mul(b_v, builder.extract_value(w_a.strides, 1)))
-        block = builder.gep(builder.bitcast(w_a.data, i8.as_pointer()), [offset])
-        xrow = builder.gep(builder.bitcast(xq_a.data, i8.as_pointer()),
-                           [builder.mul(b_v, builder.extract_value(xq_a.strides, 0))])
-        v32 = ir.VectorType(i8, 32)
+        i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+        block, xrow, out_a = block_pointers(context, builder, signature, args)
+        v32 = ir.VectorType(ir.IntType(8), 32)
         reduce_add = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(i32, [ir.VectorType(i32, 32)]), "llvm.vector.reduce.add.v32i32")
 
