@@ -44,6 +44,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import isa
 from .kernels import (QK, _block_sums, _dot_rows16_q4_0_repacked, _f16_at, _fma, _hsum_float_8, _int8_at, _jit_inline,
                       _kernel, _quantize_q8_0_cpu, _quantize_q8_1_cpu, _u32_at)
 
@@ -168,12 +169,13 @@ def _make_dot_vec(kind, sequential):
             fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]),
                                                   "llvm.fma.v8f32")
             v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
-            psign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
-                                                   "llvm.x86.avx2.psign.b")
-            maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
-                                                     "llvm.x86.avx2.pmadd.ub.sw")
-            madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
-                                                  "llvm.x86.avx2.pmadd.wd")
+            if isa.AVX2:
+                psign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
+                                                       "llvm.x86.avx2.psign.b")
+                maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                                         "llvm.x86.avx2.pmadd.ub.sw")
+                madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                                      "llvm.x86.avx2.pmadd.wd")
             fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
                                                   "llvm.fma.f32")
             acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8) if not sequential
@@ -201,10 +203,17 @@ def _make_dot_vec(kind, sequential):
                     q8 = builder.sub(q8, vec(i8, [8 if kind == "Q4_0" else 16] * 32))
                 # ggml's mul_sum_i8_pairs_float: |q| (unsigned) times y with q's sign, maddubs (byte pairs -> i16),
                 # madd with ones (i16 pairs -> i32): lane l = elements 4l..4l+3, the very instructions ggml runs
-                ax = builder.call(psign, [q8, q8])
-                sy = builder.call(psign, [x8, q8])
-                dot = builder.call(maddubs, [ax, sy])
-                quads = builder.call(madd, [dot, vec(i16, [1] * 16)])
+                if isa.AVX2:
+                    ax = builder.call(psign, [q8, q8])
+                    sy = builder.call(psign, [x8, q8])
+                    quads = builder.call(madd, [builder.call(maddubs, [ax, sy]), vec(i16, [1] * 16)])
+                else:  # other CPUs (these orders are x86's, but the kernels must still compile): the same sums
+                    p = builder.sext(builder.mul(builder.sext(q8, ir.VectorType(i16, 32)),
+                                                 builder.sext(x8, ir.VectorType(i16, 32))), ir.VectorType(i32, 32))
+                    pairs = builder.add(builder.shuffle_vector(p, p, vec(i32, list(range(0, 32, 2)))),
+                                        builder.shuffle_vector(p, p, vec(i32, list(range(1, 32, 2)))))
+                    quads = builder.add(builder.shuffle_vector(pairs, pairs, vec(i32, list(range(0, 16, 2)))),
+                                        builder.shuffle_vector(pairs, pairs, vec(i32, list(range(1, 16, 2)))))
                 if sequential:
                     v = quads  # integer tree sum (exact in any order)
                     for half in (4, 2, 1):
