@@ -48,7 +48,7 @@ def load_gguf(path, *, n_ctx: int | None = None, cache_type_k: str = "f16", cach
 
     kernels.set_num_threads(threads if threads is not None else kernels.physical_cores())
     reader = open_layout(path)
-    meta = read_metadata(reader)
+    meta = read_metadata(reader, lazy_strings=True)  # the vocabulary stays bytes until the tokenizer reads it
     module = model_module(meta.get("general.architecture", "?"))
     weights = tensors(reader)
     if "token_embd.weight" not in weights:

@@ -38,13 +38,14 @@ def open_gguf(path) -> GGUFReader:
         raise LlmqError(f"{path} is not a readable GGUF file: {e}") from e
 
 
-def read_metadata(reader: GGUFReader | GGUFLayout) -> dict[str, Any]:
-    """All key/value pairs of the header as Python values (str, int, float, bool, or lists of them).
+def read_metadata(reader: GGUFReader | GGUFLayout, lazy_strings: bool = False) -> dict[str, Any]:
+    """All key/value pairs of the header as Python values (str, int, float, bool, or lists of them). lazy_strings
+    (GGUFLayout only): string arrays as llmq.gguf_check.StringArray, decoded element by element when read.
 
     The GGUF.* pseudo-fields gguf-py adds (version, tensor_count, kv_count) are dropped: they describe the
     container, not the model."""
     if isinstance(reader, GGUFLayout):
-        return layout_metadata(reader)
+        return layout_metadata(reader, lazy_strings=lazy_strings)
     meta: dict[str, Any] = {}
     for name, field in reader.fields.items():
         if name.startswith("GGUF."):

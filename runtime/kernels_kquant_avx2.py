@@ -373,8 +373,11 @@ def matvec_q6_k_avx2(w, x, f16):
 # Entry points for kernels._TYPES (blocks view, x, F16_TO_F32) -> float32, where ggml sends each product on AVX2
 
 
-def _repacking_matvec(gemv_dot, vec_dot):
-    """W @ x where ggml repacks W when its row count is divisible by 8: gemv_dot's order then, else vec_dot's."""
+def _repacking_matvec(qtype):
+    """W @ x where ggml repacks W when its row count is divisible by 8: the repacked gemv's order then, else the
+    AVX2 vec_dot's. The closure holds only the type's number: numba keys a closure's disk cache by its pickled cell
+    contents, and a captured dispatcher pickles differently in every process (no cache hit, a compile per run)."""
+    q4_k = qtype == QT.Q4_K
 
     @_kernel(parallel=True)
     def matvec(w, x, f16):
@@ -388,17 +391,22 @@ def _repacking_matvec(gemv_dot, vec_dot):
             lanes = np.empty(8, np.float32)
             prod = np.empty(QK_K, np.int32)
             for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
-                if repacked:
-                    out[r] = gemv_dot(w, r, xq, xd, xbsums, f16)
+                if q4_k:
+                    if repacked:
+                        out[r] = _gemv_dot_q4_k(w, r, xq, xd, xbsums, f16)
+                    else:
+                        out[r] = dot_q4_k_avx2(w, r, xq, xd, xbsums, f16, lanes, prod)
+                elif repacked:
+                    out[r] = _gemv_dot_q2_k(w, r, xq, xd, xbsums, f16)
                 else:
-                    out[r] = vec_dot(w, r, xq, xd, xbsums, f16, lanes, prod)
+                    out[r] = dot_q2_k_avx2(w, r, xq, xd, xbsums, f16, lanes, prod)
         return out
     return matvec
 
 
 # Decode: ggml's repacked gemv order when W has a row count divisible by 8 (kernels_repack), else
 # ggml_vec_dot_q4_K_q8_K (AVX2).
-matvec_q4_k = _repacking_matvec(_gemv_dot_q4_k, dot_q4_k_avx2)
+matvec_q4_k = _repacking_matvec(QT.Q4_K)
 
 
 def matmul_q4_k(w, x, f16):
@@ -413,7 +421,7 @@ matmul_q2_k = _tiled._entry(QT.Q2_K, matvec_q2_k_avx2)  # no Q2_K repack without
 
 
 # Decode on AVX512 builds, which repack Q2_K: the gemv order for rows % 8 == 0, else the AVX2 vec_dot.
-matvec_q2_k_repacking = _repacking_matvec(_gemv_dot_q2_k, dot_q2_k_avx2)
+matvec_q2_k_repacking = _repacking_matvec(QT.Q2_K)
 
 
 def matmul_q2_k_repacking(w, x, f16):

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from llmq.errors import LlmqError
+from llmq.gguf_check import StringArray
 
 # tokenizer.ggml.token_type values (gguf.TokenType)
 TYPE_UNDEFINED, TYPE_NORMAL, TYPE_UNKNOWN, TYPE_CONTROL, TYPE_USER_DEFINED, TYPE_UNUSED, TYPE_BYTE = range(7)
@@ -289,16 +292,17 @@ class GGUFTokenizer:
             raise LlmqError(f"tokenizer model {model!r} is not supported (only 'gpt2' byte-level BPE and 'llama' "
                             "SentencePiece)")
         self.model = model
-        self.tokens = list(tokens)
+        # a StringArray (runtime.load_gguf's metadata) is kept as it is: decoded when read, ~6 MB less resident
+        self.tokens = tokens if isinstance(tokens, StringArray) else list(tokens)
         self.vocab_size = len(self.tokens)
         self.types = list(types) if types else [TYPE_NORMAL] * self.vocab_size
         self.scores = list(scores) if scores else [0.0] * self.vocab_size
-        self.merges = list(merges or [])
+        self.merges = merges if isinstance(merges, StringArray) else list(merges or [])
         self.chat_template = chat_template
         self._add_space_prefix_in_file = add_space_prefix
         self.named_chat_templates = dict(named_chat_templates or {})
-        self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
-        if len(self.token_to_id) != self.vocab_size:
+        self._token_to_id: dict[str, int] | None = {t: i for i, t in enumerate(self.tokens)}
+        if len(self._token_to_id) != self.vocab_size:
             raise LlmqError("tokenizer.ggml.tokens has duplicate entries")
         if model == "llama":
             self.pre_name, self.pre = "default", None
@@ -335,8 +339,9 @@ class GGUFTokenizer:
         self._special_order = sorted(
             (i for i, a in enumerate(self.attrs) if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)),
             key=lambda i: (-len(self.tokens[i].encode()), i))
-        self._pieces = [self._piece(i) for i in range(self.vocab_size)]
         self._hf = self._build_bpe() if model == "gpt2" else None
+        if self._hf is not None:
+            self._token_to_id = None  # the `tokenizers` BPE holds the vocabulary now (~3 MB for 49k tokens)
         if model == "llama":
             self._byte_ids = [self._byte_token(b) for b in range(256)]
             # Adjacent code-point pairs found inside some token: a text boundary between two characters that are
@@ -344,6 +349,13 @@ class GGUFTokenizer:
             # with exactly the result of merging it whole.
             self._inner_pairs = {t[k:k + 2] for t in self.tokens for k in range(len(t) - 1)}
             self._chunk_cache: dict[str, list[int]] = {}
+
+    @property
+    def token_to_id(self) -> dict[str, int]:
+        """Token text -> id (byte-level BPE: rebuilt when asked, for exporting; encoding uses the BPE's own)."""
+        if self._token_to_id is not None:
+            return self._token_to_id
+        return {t: i for i, t in enumerate(self.tokens)}
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -365,7 +377,7 @@ class GGUFTokenizer:
             raise LlmqError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges")
         return cls(
             model=model, pre=meta.get("tokenizer.ggml.pre") or "default",
-            tokens=list(meta["tokenizer.ggml.tokens"]), types=list(meta.get("tokenizer.ggml.token_type") or []),
+            tokens=meta["tokenizer.ggml.tokens"], types=list(meta.get("tokenizer.ggml.token_type") or []),
             scores=meta.get("tokenizer.ggml.scores"), merges=meta.get("tokenizer.ggml.merges"),
             special_ids=special, add_bos=meta.get("tokenizer.ggml.add_bos_token"),
             add_eos=meta.get("tokenizer.ggml.add_eos_token"),
@@ -413,9 +425,10 @@ class GGUFTokenizer:
         return eog
 
     def _build_bpe(self):
-        """The `tokenizers` pipeline: the pre-tokenizer from its tokenizer.json form, the BPE model handed over as
-        Python objects. One JSON document for both (vocabulary and merges included) cost ~20 MB more resident memory
-        for SmolLM2's 49k tokens (what the parsed JSON tree leaves in the allocator's heap) and ~33 MB more at peak."""
+        """The `tokenizers` pipeline: the pre-tokenizer from its tokenizer.json form, the BPE model read by
+        `tokenizers` itself from a vocab.json and a merges.txt written to a temporary directory. Handing the merges
+        over as Python tuples instead left ~9 MB more at peak for SmolLM2's 49k merges, one JSON document with
+        vocabulary and merges ~33 MB more (the parsed tree)."""
         from tokenizers import Tokenizer
         from tokenizers.models import BPE
 
@@ -423,13 +436,31 @@ class GGUFTokenizer:
                 "pre_tokenizer": hf_pre_tokenizer_json(self.pre, as_published=False),
                 "post_processor": None, "decoder": None,
                 "model": {"type": "BPE", "vocab": {}, "merges": []}}
+        options = dict(fuse_unk=False, byte_fallback=False, ignore_merges=self.pre.ignore_merges)
         try:
             tokenizer = Tokenizer.from_str(json.dumps(spec))
-            tokenizer.model = BPE(self.token_to_id, [split_merge(m) for m in self.merges], fuse_unk=False,
-                                  byte_fallback=False, ignore_merges=self.pre.ignore_merges)
+            with tempfile.TemporaryDirectory(prefix="llmq-bpe-") as tmp:
+                vocab_path, merges_path = os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt")
+                if self._write_merges_txt(merges_path):
+                    with open(vocab_path, "w", encoding="utf-8") as f:
+                        json.dump(self.token_to_id, f, ensure_ascii=False)
+                    tokenizer.model = BPE.from_file(vocab_path, merges_path, **options)
+                    return tokenizer
+            tokenizer.model = BPE(self.token_to_id, [split_merge(m) for m in self.merges], **options)
         except Exception as e:  # a merge naming a token missing from the vocabulary
             raise LlmqError(f"GGUF BPE tokenizer is inconsistent: {e}") from e
         return tokenizer
+
+    def _write_merges_txt(self, path: str) -> bool:
+        """The merges as a merges.txt (rank order, one "left right" per line); False if one cannot be written so."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+            for merge in self.merges:
+                left, right = split_merge(merge)
+                if " " in left or " " in right or "\n" in merge or "\r" in merge or left.startswith("#version"):
+                    return False  # a line the merges.txt reader would split, strip or skip
+                f.write(f"{left} {right}\n")
+        return True
 
     def _byte_token(self, b: int) -> int | None:
         i = self.token_to_id.get(f"<0x{b:02X}>")
@@ -560,7 +591,8 @@ class GGUFTokenizer:
 
     # -- decoding ----------------------------------------------------------------------------------------------
     def _piece(self, tid: int) -> bytes:
-        """llama.cpp's cached token_to_piece(special=true)."""
+        """llama.cpp's cached token_to_piece(special=true). Made when asked: a table of them all held ~2 MB for a
+        49k vocabulary, and decoding a token costs a few microseconds."""
         attr, text = self.attrs[tid], self.tokens[tid]
         if attr & (_SPECIAL_ATTRS | ATTR_USER_DEFINED):
             return text.encode()
@@ -584,7 +616,7 @@ class GGUFTokenizer:
         tid = self._check_id(id)
         if not special and self.attrs[tid] & _SPECIAL_ATTRS:
             return b""
-        return self._pieces[tid]
+        return self._piece(tid)
 
     def detokenize(self, ids: Iterable[int], remove_special: bool = False, unparse_special: bool = True) -> bytes:
         """llama_detokenize: pieces joined, the SentencePiece leading space dropped, llama.cpp's space cleaning."""

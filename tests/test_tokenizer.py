@@ -4,6 +4,7 @@ special-token parsing, pieces, detokenization, end-of-generation set and token a
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 
@@ -226,3 +227,35 @@ def test_errors():
         GGUFTokenizer.from_metadata({"general.architecture": "llama"})
     with pytest.raises(LlmqError, match="inconsistent"):
         GGUFTokenizer.from_metadata({**base, "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.merges": ["a c"]})
+
+
+@needs_smollm2
+def test_smollm2_from_lazy_metadata(smollm2):
+    """runtime.load_gguf keeps the vocabulary as StringArray (decoded when read): the same tokenizer as from lists."""
+    import runtime
+    from llmq.gguf_check import StringArray, check_gguf
+    from llmq.gguf_check import read_metadata as layout_metadata
+
+    tok, _ = smollm2
+    meta = layout_metadata(check_gguf(SMOLLM2_GGUF), lazy_strings=True)
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    assert isinstance(tokens, StringArray) and isinstance(merges, StringArray)
+    assert isinstance(runtime.load_gguf(SMOLLM2_GGUF).metadata["tokenizer.ggml.tokens"], StringArray)
+    assert tokens == tok.tokens and merges == list(tok.merges) and tokens != tok.tokens[:-1]
+    assert (tokens[-1], tokens[3:5], len(tokens)) == (tok.tokens[-1], tok.tokens[3:5], tok.vocab_size)
+    with pytest.raises(IndexError):
+        tokens[len(tokens)]
+    lazy = GGUFTokenizer.from_metadata(meta)
+    text = tt.STRESS_TEXT + tt.heldout_text(150)[:20_000]
+    ids = tok.encode(text)
+    assert lazy.encode(text) == ids and lazy.decode(ids) == tok.decode(ids) == text
+    assert lazy.eog_ids == tok.eog_ids and lazy.token_to_id == tok.token_to_id
+
+
+def test_merges_outside_merges_txt():
+    """A merge whose halves hold a space cannot be a merges.txt line: the BPE is then built from Python objects."""
+    base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.tokens": ["a", "b", "ab", "Ġ", " x", "Ġ x"], "tokenizer.ggml.merges": ["a b", "Ġ  x"]}
+    tok = GGUFTokenizer.from_metadata(base)
+    assert tok.encode("abab a", add_special=False) == [2, 2, 3, 0]
+    assert not tok._write_merges_txt(os.devnull)

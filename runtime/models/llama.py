@@ -34,9 +34,10 @@ NEOX_ROPE_ARCHS = frozenset({"qwen2", "qwen3"})
 PREFILL_CHUNK = 512  # tokens per forward pass during prefill, like llama.cpp's default n_batch
 # The feed-forward part of a prefill batch runs in slices of this many rows: its products give every row the same
 # result in any slice that starts at a multiple of 16 and has at least 16 rows (they group activation rows by 4 and
-# 16 from the start and switch kernels only below 8 rows), and half a batch of gate/up/swiglu activations and kernel
-# scratch is 5-8 MiB less peak RSS on SmolLM2 (512-token prefill, bench/runtime.py). The attention is not sliced.
-FFN_SLICE = 256
+# 16 from the start and switch kernels only below 8 rows), and a quarter of a batch of gate/up/swiglu activations
+# and kernel scratch is 7-10 MiB less peak RSS on SmolLM2 than the whole batch (512-token prefill, bench/runtime.py;
+# 128 rather than 256 rows: 2 MiB). The attention is not sliced.
+FFN_SLICE = 128
 # Set LLMQ_FAST_ATTENTION=1 for numpy attention (BLAS products, np.exp softmax): faster, but not llama.cpp's rounding.
 EXACT_ATTENTION = os.environ.get("LLMQ_FAST_ATTENTION") != "1"
 
