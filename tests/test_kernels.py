@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import sys
 import os
 from pathlib import Path
 
@@ -452,3 +453,27 @@ def test_read_only_weights_and_activations(rng):
     data.flags.writeable = False
     x.flags.writeable = False
     np.testing.assert_array_equal(K.matvec(K.QTensor(data, QT.Q4_1, (64, 256)), x), expected)
+
+
+CLOSURE_KEYS = r"""
+import hashlib, importlib, pickle, pkgutil, sys
+import runtime
+from numba.core.registry import CPUDispatcher
+for info in pkgutil.walk_packages(runtime.__path__, "runtime."):
+    module = importlib.import_module(info.name)
+    for name, obj in sorted(vars(module).items()):
+        d = getattr(obj, "dispatcher", obj)
+        if isinstance(d, CPUDispatcher) and d.py_func.__closure__ and d._cache.__class__.__name__ != "NullCache":
+            cells = tuple(c.cell_contents for c in d.py_func.__closure__)
+            print(info.name, name, hashlib.sha256(pickle.dumps(cells)).hexdigest())
+"""
+
+
+def test_cached_closures_have_a_stable_cache_key():
+    """numba keys a cached closure by its pickled cell contents: a cell that pickles differently in every process
+    (a dispatcher does) means no cache hit ever, i.e. a compile in every run (it once cost 40 MB and seconds)."""
+    import subprocess
+
+    runs = [subprocess.run([sys.executable, "-c", CLOSURE_KEYS], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0].count("\n") >= 2  # matvec_q4_k, matvec_q2_k_repacking
