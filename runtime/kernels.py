@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from types import FunctionType
 from typing import Callable
 
 import numba
@@ -608,15 +609,14 @@ def _make_dot_rows16(kind, fused=False):
                         q16 = builder.zext(builder.shuffle_vector(lo, hi, const_vec(i32, list(range(32)))),
                                            ir.VectorType(i16, 32))
                         if kind == _KIND_Q5_0:  # bit j of qh is the fifth bit of element j
-                            qh = load(builder.gep(block, [ir.Constant(i64, 2)]), i32)
-                            qh32 = builder.shuffle_vector(
-                                builder.insert_element(ir.Constant(ir.VectorType(i32, 32), None), qh,
-                                                       ir.Constant(i32, 0)),
-                                ir.Constant(ir.VectorType(i32, 32), None), const_vec(i32, [0] * 32))
-                            bits = builder.lshr(qh32, const_vec(i32, list(range(32))))
-                            bits = builder.and_(bits, const_vec(i32, [1] * 32))
-                            q16 = builder.or_(q16, builder.shl(builder.trunc(bits, ir.VectorType(i16, 32)),
-                                                               const_vec(i16, [4] * 32)))
+                            # byte j/8 of qh in lane j, tested against bit j%8: byte lanes, not 32-bit shifts
+                            qh = load(builder.gep(block, [ir.Constant(i64, 2)]), ir.VectorType(i8, 4))
+                            qh32 = builder.shuffle_vector(qh, ir.Constant(ir.VectorType(i8, 4), None),
+                                                          const_vec(i32, [j // 8 for j in range(32)]))
+                            masked = builder.and_(qh32, const_vec(i8, [1 << (j % 8) for j in range(32)]))
+                            bits = builder.icmp_unsigned("!=", masked, const_vec(i8, [0] * 32))
+                            q16 = builder.or_(q16, builder.select(bits, const_vec(i16, [16] * 32),
+                                                                  const_vec(i16, [0] * 32)))
                     p = builder.sext(builder.mul(q16, x16), ir.VectorType(i32, 32))  # |q*x| <= 31*128 or 127*128
                     pairs = builder.add(builder.shuffle_vector(p, p, const_vec(i32, list(range(0, 32, 2)))),
                                         builder.shuffle_vector(p, p, const_vec(i32, list(range(1, 32, 2)))))
@@ -1409,10 +1409,22 @@ _PARALLEL_MATVEC_BYTES = 256 << 10
 _SERIAL: dict = {}
 
 
+def serial_copy(dispatcher, **options):
+    """`dispatcher`'s function compiled again without parallel=True (prange runs as range), cached under its own
+    name. numba's disk cache names its files after the function and keys them by signature only, not by the compile
+    options: a plain second njit of the same function shares the parallel one's entries, and whichever was saved
+    last is what both load (the parallel kernel then ran on one thread)."""
+    fn = dispatcher.py_func
+    copy = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + "_serial"
+    copy.__module__, copy.__doc__ = fn.__module__, fn.__doc__
+    return njit(cache=True, **options)(copy)
+
+
 def _serial(kernel: _Kernel) -> _Kernel:
     """The same kernel compiled without parallel=True (prange runs as range)."""
     if kernel not in _SERIAL:
-        _SERIAL[kernel] = _Kernel(njit(cache=True, nogil=True)(kernel.dispatcher.py_func))
+        _SERIAL[kernel] = _Kernel(serial_copy(kernel.dispatcher, nogil=True))
     return _SERIAL[kernel]
 
 

@@ -194,12 +194,14 @@ def _make_dot_vec(kind, sequential):
                     hi = builder.lshr(qs, vec(i8, [4] * 16))
                     q8 = builder.shuffle_vector(lo, hi, vec(i32, list(range(32))))
                     if kind == "Q5_0":  # bit j of qh is the fifth bit of element j
-                        qh = load(builder.gep(block, [ir.Constant(i64, 2)]), i32)
-                        qh32 = builder.shuffle_vector(
-                            builder.insert_element(ir.Constant(ir.VectorType(i32, 32), None), qh, ir.Constant(i32, 0)),
-                            ir.Constant(ir.VectorType(i32, 32), None), vec(i32, [0] * 32))
-                        bits = builder.and_(builder.lshr(qh32, vec(i32, list(range(32)))), vec(i32, [1] * 32))
-                        q8 = builder.or_(q8, builder.shl(builder.trunc(bits, v32i8), vec(i8, [4] * 32)))
+                        # ggml's bytes_from_bits_32: byte j/8 of qh in lane j, tested against bit j%8 (byte lanes;
+                        # 32 shifts of 32-bit lanes took half the time of the whole dot)
+                        qh = load(builder.gep(block, [ir.Constant(i64, 2)]), ir.VectorType(i8, 4))
+                        qh32 = builder.shuffle_vector(qh, ir.Constant(ir.VectorType(i8, 4), None),
+                                                      vec(i32, [j // 8 for j in range(32)]))
+                        masked = builder.and_(qh32, vec(i8, [1 << (j % 8) for j in range(32)]))
+                        bits = builder.icmp_unsigned("!=", masked, vec(i8, [0] * 32))
+                        q8 = builder.or_(q8, builder.select(bits, vec(i8, [16] * 32), vec(i8, [0] * 32)))
                     q8 = builder.sub(q8, vec(i8, [8 if kind == "Q4_0" else 16] * 32))
                 # ggml's mul_sum_i8_pairs_float: |q| (unsigned) times y with q's sign, maddubs (byte pairs -> i16),
                 # madd with ones (i16 pairs -> i32): lane l = elements 4l..4l+3, the very instructions ggml runs

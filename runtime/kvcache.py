@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 from llmq.errors import LlmqError
 
-from .kernels import _fma
+from .kernels import _fma, serial_copy
 
 CACHE_TYPES = ("f32", "f16", "q8_0", "q4_0")
 QK = 32  # values per q8_0 / q4_0 block
@@ -388,7 +388,7 @@ def _attend_f16_kernel(q, keys_t, values, scale, pos0, kv_heads, out):
             out[t, h * d + e] = _reduce_add_16(mix[:, e])
 
 
-_attend_f16_serial = njit(cache=True)(_attend_f16_kernel.py_func)
+_attend_f16_serial = serial_copy(_attend_f16_kernel)
 
 
 def attend_f16(q: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float, pos0: int,

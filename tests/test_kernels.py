@@ -477,3 +477,36 @@ def test_cached_closures_have_a_stable_cache_key():
     runs = [subprocess.run([sys.executable, "-c", CLOSURE_KEYS], capture_output=True, text=True, check=True).stdout
             for _ in range(2)]
     assert runs[0] == runs[1] and runs[0].count("\n") >= 2  # matvec_q4_k, matvec_q2_k_repacking
+
+
+def test_every_compiled_variant_has_its_own_cache_entry():
+    """numba names a cached function's files after it and keys the entries by signature (and closure cells), not by
+    compile options: two dispatchers of one function (parallel and serial) with the same key would load whichever
+    was saved last. It happened: the parallel decode kernels loaded their serial copies and ran on one thread."""
+    import hashlib
+    import importlib
+    import pickle
+    import pkgutil
+
+    import runtime
+    from numba.core.registry import CPUDispatcher
+
+    from runtime import kvcache
+
+    dispatchers = [kvcache._attend_f16_serial]
+    for info in pkgutil.walk_packages(runtime.__path__, "runtime."):
+        for obj in vars(importlib.import_module(info.name)).values():
+            d = getattr(obj, "dispatcher", obj)
+            if isinstance(d, CPUDispatcher):
+                dispatchers.append(d)
+                if isinstance(obj, K._Kernel) and obj.dispatcher.targetoptions.get("parallel"):
+                    dispatchers.append(K._serial(obj).dispatcher)
+    seen = {}
+    for d in dispatchers:
+        if type(d._cache).__name__ == "NullCache":
+            continue
+        cells = d.py_func.__closure__
+        key = (d._cache._cache_file._index_path,
+               hashlib.sha256(pickle.dumps(tuple(c.cell_contents for c in cells) if cells else ())).hexdigest())
+        assert seen.setdefault(key, d) is d, f"{d.py_func.__qualname__} shares its cache entries with another dispatcher"
+    assert len(seen) > 100
