@@ -27,6 +27,7 @@ from .kernels import (QK, QK_K, _block_sums, _dot_q2_k, _dot_q3_k, _dot_q4_0, _d
                       _dot_rows16_q5_0,
                       _dot_rows16_q8_0, _jit, _kernel, _quantize_q8_0_cpu,
                       _quantize_q8_1_cpu, _quantize_q8_k)
+from . import kvcache as _kv
 from .kvcache import _reduce_add_16, f32_to_half, ggml_expf, half_to_f32, round_half
 from . import isa as _isa
 from .kernels_avx2 import _dot_vec_q4_0, _dot_vec_q4_0_repacked, _dot_vec_q5_0, _dot_vec_q8_0
@@ -332,6 +333,149 @@ def _key_score(typingctx, q, q0, keys, j, col, d):
     return sig, codegen
 
 
+def _emit_reduce_add_16_x16(builder, vectors):
+    """_emit_reduce_add_16 of 16 <16 x float> at once -> <16 x float> (element k: the sum of vectors[k]). Each step
+    adds the same two partial sums as the one-vector tree (hi + lo halves, then the last two lanes), with the halves
+    of two vectors gathered into one: 15 additions for 16 sums instead of 64."""
+    def shuffle(a, b, lanes):
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), lanes))
+    n = 8  # each vector holds 16 / (2n) keys' partial sums, 2n lanes each
+    while n >= 1:
+        width = 2 * n
+        lo_lanes = [k * width + i for k in range(_LANES // width) for i in range(n)]
+        lo_lanes = lo_lanes + [_LANES + x for x in lo_lanes]
+        hi_lanes = [x + n for x in lo_lanes]
+        vectors = [builder.fadd(shuffle(a, b, hi_lanes), shuffle(a, b, lo_lanes))
+                   for a, b in zip(vectors[0::2], vectors[1::2])]
+        n //= 2
+    return vectors[0]
+
+
+@intrinsic
+def _key_scores16(typingctx, q, q0, keys, j0, col, d, scale, scores):
+    """scores[j0 + k] = _key_score(q, q0, keys, j0 + k, col, d) * scale for k < 16: 16 keys' products in flight
+    together, each q chunk loaded once, and the 16 sums reduced together (_emit_reduce_add_16_x16)."""
+    sig = types.void(q, types.int64, keys, types.int64, types.int64, types.int64, types.float32, scores)
+
+    def codegen(context, builder, signature, args):
+        qt, _, kt, _, _, _, _, st = signature.args
+        qv, q_start, kv, row0, col_, dim, scale_, sv = args
+        i64 = ir.IntType(64)
+        rows = [builder.add(row0, ir.Constant(i64, k)) for k in range(_LANES)]
+
+        def products(off):
+            qs = builder.load(_f32_row16_ptr(builder, context, qt, qv, builder.add(q_start, off)), align=4)
+            return [builder.fmul(qs, _half_row16(builder, context, kt, kv, r, builder.add(col_, off))) for r in rows]
+        accs = [cgutils.alloca_once_value(builder, v) for v in products(ir.Constant(i64, 0))]
+        n_chunks = builder.udiv(dim, ir.Constant(i64, _LANES))
+        with cgutils.for_range_slice(builder, ir.Constant(i64, 1), n_chunks, ir.Constant(i64, 1)) as (chunk, _):
+            for acc, prod in zip(accs, products(builder.mul(chunk, ir.Constant(i64, _LANES)))):
+                builder.store(builder.fadd(builder.load(acc), prod), acc)
+        sums = _emit_reduce_add_16_x16(builder, [builder.load(acc) for acc in accs])
+        v16, i32 = ir.VectorType(ir.FloatType(), _LANES), ir.IntType(32)
+        one = builder.insert_element(ir.Constant(v16, None), scale_, ir.Constant(i32, 0))
+        splat = builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES))
+        builder.store(builder.fmul(sums, splat), _f32_row16_ptr(builder, context, st, sv, row0), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _splat16(builder, x):
+    v16, i32 = ir.VectorType(x.type, _LANES), ir.IntType(32)
+    one = builder.insert_element(ir.Constant(v16, None), x, ir.Constant(i32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES))
+
+
+def _emit_ggml_expf16(builder, x):
+    """kvcache.ggml_expf (ggml_v_expf, AVX512) of a <16 x float>, the same operations lane by lane."""
+    v16 = x.type
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
+
+    def c(value):
+        return ir.Constant(v16, [float(value)] * _LANES)
+
+    def fmadd(a, b, acc):
+        return builder.call(fma, [a, b, acc])
+    r = c(_kv._EXPF_8P23)
+    n = builder.fsub(fmadd(x, c(_kv._EXPF_715476PP0), r), r)
+    neg_n = builder.fneg(n)
+    b = fmadd(neg_n, c(_kv._EXPF_7F7D1CPM20), fmadd(neg_n, c(_kv._EXPF_62E4PM1), x))
+    u = builder.fmul(b, b)
+    j = fmadd(fmadd(fmadd(c(_kv._EXPF_0E4020PM7), b, c(_kv._EXPF_573E2EPM5)), u,
+                    fmadd(c(_kv._EXPF_555E66PM3), b, c(_kv._EXPF_FFFDB6PM2))), u,
+              fmadd(c(_kv._EXPF_FFFFECPM1), b, c(1.0)))
+    # j * 2^n exact in double and rounded once (what scalef does); lanes with |n| > 192 become 0 or inf, as there
+    fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16]), "llvm.fabs.v16f32")
+    big = builder.fcmp_ordered(">", builder.call(fabs, [n]), c(192))
+    v16d, v16i = ir.VectorType(ir.DoubleType(), _LANES), ir.VectorType(ir.IntType(64), _LANES)
+    exponent = builder.add(builder.fptosi(builder.select(big, c(0), n), v16i), ir.Constant(v16i, [1023] * _LANES))
+    pow2 = builder.bitcast(builder.shl(exponent, ir.Constant(v16i, [52] * _LANES)), v16d)
+    scaled = builder.fptrunc(builder.fmul(builder.fpext(j, v16d), pow2), v16)
+    limit = builder.select(builder.fcmp_ordered("<=", n, c(0)), c(0), c(float("inf")))
+    return builder.select(big, limit, scaled)
+
+
+@intrinsic
+def _exp_chunk16(typingctx, scores, c0, top):
+    """scores[c0 + i] = ggml_expf(scores[c0 + i] - top) for i < 16 -> _reduce_add_16 of the 16 results."""
+    sig = types.float32(scores, types.int64, types.float32)
+
+    def codegen(context, builder, signature, args):
+        st, _, _ = signature.args
+        sv, start, top_ = args
+        ptr = _f32_row16_ptr(builder, context, st, sv, start)
+        p = _emit_ggml_expf16(builder, builder.fsub(builder.load(ptr, align=4), _splat16(builder, top_)))
+        builder.store(p, ptr, align=4)
+        return _emit_reduce_add_16(builder, p)
+    return sig, codegen
+
+
+@intrinsic
+def _round_scaled16(typingctx, scores, c0, inv):
+    """scores[c0 + i] = round_half(scores[c0 + i] * inv) for i < 16 (float -> half -> float: F16C's rounding)."""
+    sig = types.void(scores, types.int64, types.float32)
+
+    def codegen(context, builder, signature, args):
+        st, _, _ = signature.args
+        sv, start, inv_ = args
+        ptr = _f32_row16_ptr(builder, context, st, sv, start)
+        v = builder.fmul(builder.load(ptr, align=4), _splat16(builder, inv_))
+        halves = builder.fptrunc(v, ir.VectorType(ir.HalfType(), _LANES))
+        builder.store(builder.fpext(halves, v.type), ptr, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _mix_values16(typingctx, mix, probs, n_groups, values, col, d):
+    """_mix_value for keys j < 16 * n_groups (lane j % 16, in j order), one chunk of 16 columns at a time with the
+    16 lanes' partial sums held in registers across all the keys (no load and store of mix per key)."""
+    sig = types.void(mix, probs, types.int64, values, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        mt, pt, _, vt, _, _ = signature.args
+        mv, pv, groups, vv, col_, dim = args
+        i64 = ir.IntType(64)
+        p_arr = context.make_array(pt)(context, builder, pv)
+        n_chunks = builder.udiv(dim, ir.Constant(i64, _LANES))
+        with cgutils.for_range(builder, n_chunks) as chunk_loop:
+            off = builder.mul(chunk_loop.index, ir.Constant(i64, _LANES))
+            ptrs = [_f32_row16_ptr(builder, context, mt, mv, builder.add(builder.mul(ir.Constant(i64, i), dim), off))
+                    for i in range(_LANES)]
+            accs = [cgutils.alloca_once_value(builder, builder.load(ptr, align=4)) for ptr in ptrs]
+            with cgutils.for_range(builder, groups) as group_loop:
+                j0 = builder.mul(group_loop.index, ir.Constant(i64, _LANES))
+                for i, acc in enumerate(accs):
+                    j = builder.add(j0, ir.Constant(i64, i))
+                    p16 = _splat16(builder, builder.load(builder.gep(p_arr.data, [j])))
+                    v16 = _half_row16(builder, context, vt, vv, j, builder.add(col_, off))
+                    builder.store(builder.fadd(builder.load(acc), builder.fmul(p16, v16)), acc)
+            for ptr, acc in zip(ptrs, accs):
+                builder.store(builder.load(acc), ptr, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 @intrinsic
 def _mix_value(typingctx, mix, lane, p, values, j, col, d):
     """mix[lane, e] += p * v[e] for e < d, v = values[j, col:col+d] (half bits); mix C-contiguous (16, d)."""
@@ -361,23 +505,31 @@ def _attend_head(q, q0, k_cache, v_cache, L, kv_col, d, scale, out):
     the result goes to out[q0:q0+d]."""
     lanes = np.empty(_LANES, np.float32)
     scores = np.empty(L, np.float32)
-    for j in range(L):
+    full = L - L % _LANES
+    for j0 in range(0, full, _LANES):
+        _key_scores16(q, q0, k_cache, j0, kv_col, d, scale, scores)
+    for j in range(full, L):
         scores[j] = _key_score(q, q0, k_cache, j, kv_col, d) * scale
     top = -np.inf
     for j in range(L):
         top = max(top, scores[j])
     total = 0.0
-    for c0 in range(0, L, _LANES):
+    for c0 in range(0, full, _LANES):
+        total += np.float64(_exp_chunk16(scores, c0, top))
+    if full < L:
         for i in range(_LANES):
             lanes[i] = 0
-        for i in range(min(_LANES, L - c0)):
-            p = ggml_expf(scores[c0 + i] - top)
-            scores[c0 + i] = p
+        for i in range(L - full):
+            p = ggml_expf(scores[full + i] - top)
+            scores[full + i] = p
             lanes[i] = p
         total += np.float64(_reduce_add_16(lanes))
     inv = np.float32(1.0 / total)
+    for c0 in range(0, full, _LANES):
+        _round_scaled16(scores, c0, inv)
     mix = np.zeros((_LANES, d), np.float32)
-    for j in range(L):
+    _mix_values16(mix, scores, full // _LANES, v_cache, kv_col, d)
+    for j in range(full, L):
         _mix_value(mix, j % _LANES, round_half(scores[j] * inv), v_cache, j, kv_col, d)
     for e in range(d):
         out[q0 + e] = _reduce_add_16(mix[:, e])

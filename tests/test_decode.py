@@ -183,6 +183,52 @@ def test_half_and_exp_helpers_match_scalar_code():
 
 
 @njit
+def _vector_softmax_steps(x, inv):
+    """decode._attend_head's 16-lane steps over x (a multiple of 16 long): exp(x - 0) in place with each chunk's sum,
+    then round_half(p * inv)."""
+    exps = x.copy()
+    sums = np.empty(x.size // 16, np.float32)
+    for c0 in range(0, x.size, 16):
+        sums[c0 // 16] = decode._exp_chunk16(exps, c0, np.float32(0.0))
+    rounded = exps.copy()
+    for c0 in range(0, x.size, 16):
+        decode._round_scaled16(rounded, c0, inv)
+    return exps, sums, rounded
+
+
+@njit
+def _scalar_softmax_steps(x, inv):
+    exps = np.empty_like(x)
+    for i in range(x.size):
+        exps[i] = kvcache.ggml_expf(x[i])
+    sums = np.empty(x.size // 16, np.float32)
+    for c in range(sums.size):
+        sums[c] = kvcache._reduce_add_16(exps[16 * c:16 * c + 16])
+    rounded = np.empty_like(x)
+    for i in range(x.size):
+        rounded[i] = kvcache.round_half(exps[i] * inv)
+    return exps, sums, rounded
+
+
+@pytest.mark.skipif(isa.LEVEL == "avx2", reason="AVX2 machines attend with runtime/avx2_attention.py")
+def test_vector_softmax_steps_equal_the_scalar_code():
+    """The prefill attention's 16-lane exp / sum / rounding (LLVM vector code) against the scalar functions, on every
+    kind of float32 including those whose exp underflows to 0, to subnormals, or overflows."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+                        rng.uniform(-140, 90, 100_000).astype(np.float32),
+                        np.array([0, -0.0, np.inf, -np.inf, -103.9, -87.4, 88.7, 89.0, -133.0, -133.2], np.float32)])
+    x = x[~np.isnan(x)]
+    x = x[:x.size // 16 * 16]
+    for inv in (np.float32(1.0), np.float32(3.7e-3), np.float32(1e5)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            got, want = _vector_softmax_steps(x, inv), _scalar_softmax_steps(x, inv)
+        for g, w in zip(got, want):
+            assert np.array_equal(g.view(np.uint32), w.view(np.uint32))
+    assert ((want[0] > 0) & (want[0] < 1e-38)).any() and (want[0] == 0).any() and np.isinf(want[0]).any()
+
+
+@njit
 def _per_row(w, x, f16, kind):
     """The per-row decode dots of kernels.py (what the 16-row kernels must reproduce bit for bit)."""
     xq = np.empty((w.shape[1], 32), np.int8)
@@ -217,14 +263,15 @@ def test_sixteen_row_decode_kernels_equal_the_per_row_dots(qtype, kind):
             assert np.array_equal(kernels.matvec(w, x), expected)
 
 
-@pytest.mark.parametrize("pos0,n", [(0, 40), (13, 21), (57, 2)])
-def test_attention_on_the_f16_cache_equals_kvcache_attend_f16(pos0, n):
-    """(One token follows ggml_vec_dot_f16 instead: test_one_token_attention_is_ggml_graph_bit_for_bit.)"""
+@pytest.mark.parametrize("pos0,n,q_scale", [(0, 40, 3), (13, 21, 3), (57, 2, 3), (20, 30, 60)])
+def test_attention_on_the_f16_cache_equals_kvcache_attend_f16(pos0, n, q_scale):
+    """(One token follows ggml_vec_dot_f16 instead: test_one_token_attention_is_ggml_graph_bit_for_bit.)
+    q_scale 60: scores far enough apart that some probabilities underflow to 0."""
     rng = np.random.default_rng(pos0)
     n_heads, n_kv_heads, d = 6, 2, 64
     k_cache = (rng.standard_normal((80, n_kv_heads * d)) * 2).astype(np.float16)
     v_cache = rng.standard_normal((80, n_kv_heads * d)).astype(np.float16)
-    q = (rng.standard_normal((n, n_heads, d)) * 3).astype(np.float32)
+    q = (rng.standard_normal((n, n_heads, d)) * q_scale).astype(np.float32)
     L = pos0 + n
     expected = kvcache.attend_f16(q, k_cache[:L].astype(np.float32), v_cache[:L].astype(np.float32), 0.125, pos0,
                                   n_kv_heads)
