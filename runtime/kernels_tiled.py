@@ -41,10 +41,14 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .kernels import (QK_K, _byte, _f16_at, _fma, _jit_inline, _kernel, _matvec_q2_k, _matvec_q3_k, _matvec_q4_k,
                       _matvec_q5_k, _matvec_q6_k, _quantize_q8_k, _scale_q3_k, _scales_mins_k4)
+from .gemm_int8 import HAVE_VNNI
 
 TILED_MIN_BATCH = 8  # ggml_tiled_min_batch: fewer activation rows go through ggml_vec_dot
 _SUB = 16             # elements per integer sub-sum here (Q4_K/Q5_K's 32-element sub-blocks are two of them)
@@ -197,8 +201,141 @@ def _gemm_tiled(w, x, f16, kind):
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The same arithmetic with the integer sums as AVX512-VNNI byte dot products (vpdpbusd: 4 unsigned x signed byte
+# products per 32-bit lane), 16 weight rows per vector: the codes are stored unsigned (code + BIAS, below 64) and the
+# bias comes back as -BIAS * (the sub-block's activation sum), the start of each sub-block's accumulator.
+
+_BIAS = np.array([0, 4, 0, 0, 32], np.int32)  # per kind: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+_TILE16 = 16
+
+
+def _make_slab_tile16(with_min):
+    """An intrinsic (wv, sc, mn, d, ndmin, y8, ybs, yd, bias, acc): one slab of a 16-row weight tile against every
+    activation row t, acc[t, i] = fma(result, yd[t], acc[t, i]) with result as in _slab_rows. All arrays
+    C-contiguous: wv uint8 (64, 16, 4) (wv[q, i, k]: unsigned code of element 4q + k of row i), sc/mn int32
+    (16 sub-blocks, 16 rows), d/ndmin float32 (16,) (ndmin = -dmin), y8 int8 (n, 256), ybs int32 (n, 16) (sums of
+    each 16 activation quants), yd float32 (n,), acc float32 (n, 16)."""
+
+    @intrinsic
+    def slab_tile16(typingctx, wv, sc, mn, d, ndmin, y8, ybs, yd, bias, acc):
+        sig = types.void(wv, sc, mn, d, ndmin, y8, ybs, yd, types.int32, acc)
+
+        def codegen(context, builder, signature, args):
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            v16i, v16f = ir.VectorType(i32, _TILE16), ir.VectorType(ir.FloatType(), _TILE16)
+            arrays = [context.make_array(signature.args[k])(context, builder, args[k]) for k in range(10) if k != 8]
+            wv_a, sc_a, mn_a, d_a, ndmin_a, y8_a, ybs_a, yd_a, acc_a = arrays
+            bias_ = args[8]
+            n = builder.extract_value(y8_a.shape, 0)
+            dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
+                                                    "llvm.x86.avx512.vpdpbusd.512")
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]),
+                                                 "llvm.fma.v16f32")
+
+            def vec_at(arr, index, ty):  # the 16 values at flat element `index` of arr
+                return builder.load(builder.bitcast(builder.gep(arr.data, [index]), ty.as_pointer()), align=4)
+
+            def splat(x, ty):
+                one = builder.insert_element(ir.Constant(ty, None), x, ir.Constant(i32, 0))
+                return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, _TILE16), [0] * _TILE16))
+
+            wq = [builder.load(builder.bitcast(builder.gep(wv_a.data, [ir.Constant(i64, 64 * q)]), v16i.as_pointer()),
+                               align=1) for q in range(64)]  # the whole slab of 16 rows: 64 vectors (4 KiB)
+            scales = [vec_at(sc_a, ir.Constant(i64, 16 * s), v16i) for s in range(16)]
+            mins = [vec_at(mn_a, ir.Constant(i64, 16 * s), v16i) for s in range(16)] if with_min else None
+            d16 = vec_at(d_a, ir.Constant(i64, 0), v16f)
+            ndmin16 = vec_at(ndmin_a, ir.Constant(i64, 0), v16f) if with_min else None
+            neg_bias = builder.neg(bias_)
+            with cgutils.for_range(builder, n) as loop:
+                t = loop.index
+                y_row = builder.bitcast(builder.gep(y8_a.data, [builder.mul(t, ir.Constant(i64, 256))]),
+                                        i32.as_pointer())
+                bs_row = builder.gep(ybs_a.data, [builder.mul(t, ir.Constant(i64, 16))])
+                s1 = ir.Constant(v16i, [0] * _TILE16)
+                s2 = ir.Constant(v16i, [0] * _TILE16)
+                for s in range(16):
+                    bsum = builder.load(builder.gep(bs_row, [ir.Constant(i64, s)]))
+                    raw = splat(builder.mul(neg_bias, bsum), v16i)
+                    for q in range(4 * s, 4 * s + 4):
+                        quad = builder.load(builder.gep(y_row, [ir.Constant(i64, q)]), align=1)
+                        raw = builder.call(dpbusd, [raw, wq[q], splat(quad, v16i)])
+                    s1 = builder.add(s1, builder.mul(scales[s], raw))
+                    if with_min:
+                        s2 = builder.add(s2, builder.mul(mins[s], splat(bsum, v16i)))
+                result = builder.fmul(builder.sitofp(s1, v16f), d16)
+                if with_min:
+                    result = builder.call(fma, [ndmin16, builder.sitofp(s2, v16f), result])
+                out_ptr = builder.bitcast(builder.gep(acc_a.data, [builder.mul(t, ir.Constant(i64, 16))]),
+                                          v16f.as_pointer())
+                yd_t = builder.load(builder.gep(yd_a.data, [t]))
+                builder.store(builder.call(fma, [result, splat(yd_t, v16f), builder.load(out_ptr, align=4)]), out_ptr,
+                              align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return slab_tile16
+
+
+_slab_tile16 = _make_slab_tile16(False)
+_slab_tile16_min = _make_slab_tile16(True)
+
+
+@_kernel(parallel=True)
+def _gemm_tiled_vnni(w, x, f16, kind):
+    """_gemm_tiled's results, 16 weight rows per task and the integer sums by vpdpbusd."""
+    n, nb, rows = x.shape[0], w.shape[1], w.shape[0]
+    with_min = kind == _KIND_Q2_K or kind == _KIND_Q4_K or kind == _KIND_Q5_K
+    bias = _BIAS[kind]
+    y8 = np.empty((nb, n, QK_K), np.int8)
+    yd = np.empty((nb, n), np.float32)
+    ybs = np.empty((nb, n, _NSUB), np.int32)
+    for t in prange(n):
+        qs = np.empty((nb, QK_K), np.int8)
+        d8 = np.empty(nb, np.float32)
+        bsums = np.empty((nb, _NSUB), np.int32)
+        _quantize_q8_k(x[t], qs, d8, bsums)
+        for b in range(nb):
+            yd[b, t] = d8[b]
+            y8[b, t] = qs[b]
+            ybs[b, t] = bsums[b]
+    out = np.empty((n, rows), np.float32)
+    for task in prange((rows + _TILE16 - 1) // _TILE16):
+        r0 = task * _TILE16
+        m = min(_TILE16, rows - r0)
+        wv = np.zeros((nb, 64, _TILE16, 4), np.uint8)  # rows past m stay zero: codes, scales and d of 0
+        sc = np.zeros((nb, _NSUB, _TILE16), np.int32)
+        mn = np.zeros((nb, _NSUB, _TILE16), np.int32)
+        d = np.zeros((nb, _TILE16), np.float32)
+        ndmin = np.zeros((nb, _TILE16), np.float32)
+        codes = np.empty((1, QK_K), np.float32)
+        scales = np.empty((1, _NSUB), np.float32)
+        mins = np.zeros((1, _NSUB), np.int32)
+        d1 = np.empty(1, np.float32)
+        dmin1 = np.zeros(1, np.float32)
+        for b in range(nb):
+            for i in range(m):
+                _unpack_block(w, r0 + i, b, kind, f16, codes, scales, mins, d1, dmin1, 0)
+                for e in range(QK_K):
+                    wv[b, e >> 2, i, e & 3] = np.uint8(np.int32(codes[0, e]) + bias)
+                for s in range(_NSUB):
+                    sc[b, s, i] = np.int32(scales[0, s])
+                    mn[b, s, i] = mins[0, s]
+                d[b, i] = d1[0]
+                ndmin[b, i] = -dmin1[0]
+        acc = np.zeros((n, _TILE16), np.float32)
+        for b in range(nb):  # slabs in order, as every output accumulates them
+            if with_min:
+                _slab_tile16_min(wv[b], sc[b], mn[b], d[b], ndmin[b], y8[b], ybs[b], yd[b], bias, acc)
+            else:
+                _slab_tile16(wv[b], sc[b], mn[b], d[b], ndmin[b], y8[b], ybs[b], yd[b], bias, acc)
+        out[:, r0:r0 + m] = acc[:, :m]
+    return out
+
+
 def matmul_tiled(w_view: np.ndarray, x: np.ndarray, f16: np.ndarray, qtype: QT) -> np.ndarray:
     """x (n, cols) float32 @ W.T for a K-quant W ((rows, blocks, block_bytes) uint8), as ggml's tiled matmul."""
+    if HAVE_VNNI:
+        return _gemm_tiled_vnni(w_view, x, f16, _KIND[QT(qtype)])
     return _gemm_tiled(w_view, x, f16, _KIND[QT(qtype)])
 
 

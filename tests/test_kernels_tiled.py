@@ -91,7 +91,12 @@ def test_kernel_matches_numpy_reference(qtype, rng):
     w = weight(qtype, rows, cols, rng)
     x = activations(rng, n, cols)
     ours = T.matmul_tiled(w._view, x, K.F16_TO_F32, qtype)
-    np.testing.assert_array_equal(ours, T.matmul_tiled_ref(w._view, qtype, x))
+    ref = T.matmul_tiled_ref(w._view, qtype, x)
+    np.testing.assert_array_equal(ours, ref)
+    # both versions of the kernel, whichever this CPU runs: float32 integer sums, and VNNI byte dot products
+    np.testing.assert_array_equal(T._gemm_tiled(w._view, x, K.F16_TO_F32, T._KIND[qtype]), ref)
+    if T.HAVE_VNNI:
+        np.testing.assert_array_equal(T._gemm_tiled_vnni(w._view, x, K.F16_TO_F32, T._KIND[qtype]), ref)
 
 
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
