@@ -46,6 +46,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .gemm_int8 import HAVE_VNNI
 from .kernels import (QK_K, _byte, _dot_q2_k, _dot_q4_k, _f16_at, _fma, _jit, _kernel, _quantize_q8_k,
                       _scales_mins_k4)
 
@@ -140,9 +141,11 @@ def quantize_rows_q8_k_x4(x: np.ndarray):
 
 
 @_kernel()  # serial, as _quantize_activations
-def _unpack(w, r0, kind, f16, wq, wd, wdmin, wmin):
-    """Rows r0.. of w (as many as wq has) into the arrays described above."""
-    m, nb = wq.shape[0], w.shape[1]
+def _unpack(w, r0, kind, f16, wq, wd, wdmin, wmin, m):
+    """Rows r0..r0+m-1 of w into the arrays described above (wq only if it has rows: the VNNI path has no use
+    for it)."""
+    nb = w.shape[1]
+    with_codes = wq.shape[0] > 0
     for i in prange(m):
         r = r0 + i
         for b in range(nb):
@@ -153,7 +156,7 @@ def _unpack(w, r0, kind, f16, wq, wd, wdmin, wmin):
                 scales, mins = _scales_mins_k4(w, r, b)
                 for s in range(8):
                     wmin[b, s, i] = _byte(mins, s)
-                for k in range(4):
+                for k in range(4 if with_codes else 0):
                     lo = np.float32(_byte(scales, 2 * k))
                     hi = np.float32(_byte(scales, 2 * k + 1))
                     for j in range(32):
@@ -165,7 +168,7 @@ def _unpack(w, r0, kind, f16, wq, wd, wdmin, wmin):
                 wdmin[b, i] = _f16_at(w, r, b, 82, f16)
                 for s in range(16):
                     wmin[b, s, i] = np.int32(w[r, b, s]) >> 4
-                for h in range(2):
+                for h in range(2 if with_codes else 0):
                     for shift in range(4):
                         for j in range(32):
                             e = 128 * h + 32 * shift + j  # sub-block e // 16
@@ -238,20 +241,138 @@ def _matmul(w: np.ndarray, x: np.ndarray, f16: np.ndarray, kind: int) -> np.ndar
     tile = min(rows, _TILE_BYTES // (4 * n * groups), _WQ_BYTES // (4 * nb * QK_K))
     tile = max(REPACK_ROWS, tile // REPACK_ROWS * REPACK_ROWS)
     xq = _scratch("xq", (n, nb * QK_K))
-    p = _scratch("p", (groups, n, min(tile, rows)))
-    wq = _scratch("wq", (min(tile, rows), nb * QK_K))
     xd, xsub = np.empty((n, nb), np.float32), np.empty((n, nb, n_subs), np.float32)
     wd, wdmin = np.empty((nb, tile), np.float32), np.empty((nb, tile), np.float32)
     wmin = np.empty((nb, n_subs, tile), np.float32)
     _quantize_activations(x, xq, xd, xsub)
     out = np.empty((n, rows), np.float32)
+    if HAVE_VNNI:  # integer group sums by vpdpbusd, 16 weight rows per vector, from one byte per weight
+        xq8 = xq.astype(np.int8)
+        chunks = (min(tile, rows) + _TILE16 - 1) // _TILE16
+        p = _scratch("p", (groups, n, chunks * _TILE16))
+        wv = np.empty((chunks, nb * QK_K // 4, _TILE16, 4), np.uint8)
+        scl = np.empty((chunks, nb * n_subs, _TILE16), np.int32)
+        no_wq = np.empty((0, nb * QK_K), np.float32)
+    else:
+        p = _scratch("p", (groups, n, min(tile, rows)))
+        wq = _scratch("wq", (min(tile, rows), nb * QK_K))
     for r0 in range(0, rows, tile):
         m = min(rows, r0 + tile) - r0
-        _unpack(w, r0, kind, f16, wq[:m], wd[:, :m], wdmin[:, :m], wmin[:, :, :m])
-        _group_sums(xq, wq[:m], group, p[:, :, :m])
+        if HAVE_VNNI:
+            wv[:] = 0
+            scl[:] = 0
+            _unpack_codes(w, r0, m, kind, wv, scl)
+            _unpack(w, r0, kind, f16, no_wq, wd[:, :m], wdmin[:, :m], wmin[:, :, :m], m)
+            _group_sums_vnni(xq8, wv[:(m + _TILE16 - 1) // _TILE16], scl, kind, p)
+        else:
+            _unpack(w, r0, kind, f16, wq[:m], wd[:, :m], wdmin[:, :m], wmin[:, :, :m], m)
+            _group_sums(xq, wq[:m], group, p[:, :, :m])
         _fma_chains(p[:, :, :m], QK_K // group, xd, xsub, wd[:, :m], wdmin[:, :m], wmin[:, :, :m], n - n % 4,
                     out[:, r0:r0 + m])
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The group sums as AVX512-VNNI byte dot products (vpdpbusd: 4 unsigned x signed byte products per 32-bit lane), 16
+# weight rows per vector: the unsigned codes (0..15 / 0..3) against the int8 activation quants sub-block by sub-block,
+# each sub-block's integer sum times its scale added into its group's sum. Same integers as the BLAS version.
+
+_TILE16 = 16
+
+
+def _make_sub_sums16(kind):
+    """An intrinsic (wv, scl, xq8, t, p, i0): p[g, t, i0 + i] = float(group g's sum) for a 16-row chunk, every g.
+    wv uint8 (cols / 4, 16, 4): codes of elements 4q..4q+3 per row; scl int32 (sub-blocks, 16); xq8 int8 (n, cols);
+    p float32 (groups, n, >= i0 + 16), all C-contiguous."""
+    sub_quads = (32 if kind == _Q4_K else 16) // 4
+    subs_per_group = _GROUP[kind] // (4 * sub_quads)
+
+    @intrinsic
+    def sub_sums16(typingctx, wv, scl, xq8, t, p, i0):
+        sig = types.void(wv, scl, xq8, types.int64, p, types.int64)
+
+        def codegen(context, builder, signature, args):
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            v16i, v16f = ir.VectorType(i32, _TILE16), ir.VectorType(ir.FloatType(), _TILE16)
+            wv_a, scl_a, x_a, p_a = (context.make_array(signature.args[k])(context, builder, args[k])
+                                     for k in (0, 1, 2, 4))
+            t_, i0_ = args[3], args[5]
+            cols = builder.extract_value(x_a.shape, 1)
+            n = builder.extract_value(x_a.shape, 0)
+            p_cols = builder.extract_value(p_a.shape, 2)
+            dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
+                                                    "llvm.x86.avx512.vpdpbusd.512")
+            x_row = builder.bitcast(builder.gep(x_a.data, [builder.mul(t_, cols)]), i32.as_pointer())
+            w_quads = builder.bitcast(wv_a.data, v16i.as_pointer())
+            groups = builder.udiv(cols, ir.Constant(i64, 4 * sub_quads * subs_per_group))
+
+            def splat(x):
+                one = builder.insert_element(ir.Constant(v16i, None), x, ir.Constant(i32, 0))
+                return builder.shuffle_vector(one, one, ir.Constant(v16i, [0] * _TILE16))
+            with cgutils.for_range(builder, groups) as loop:
+                g = loop.index
+                gsum = ir.Constant(v16i, [0] * _TILE16)
+                for k in range(subs_per_group):
+                    sub = builder.add(builder.mul(g, ir.Constant(i64, subs_per_group)), ir.Constant(i64, k))
+                    raw = ir.Constant(v16i, [0] * _TILE16)
+                    for qk in range(sub_quads):
+                        q = builder.add(builder.mul(sub, ir.Constant(i64, sub_quads)), ir.Constant(i64, qk))
+                        quad = builder.load(builder.gep(x_row, [q]), align=1)
+                        raw = builder.call(dpbusd, [raw, builder.load(builder.gep(w_quads, [q]), align=1), splat(quad)])
+                    scale = builder.load(builder.bitcast(builder.gep(scl_a.data, [builder.mul(sub, ir.Constant(
+                        i64, _TILE16))]), v16i.as_pointer()), align=4)
+                    gsum = builder.add(gsum, builder.mul(scale, raw))
+                at = builder.add(builder.mul(builder.add(builder.mul(g, n), t_), p_cols), i0_)
+                builder.store(builder.sitofp(gsum, v16f), builder.bitcast(builder.gep(p_a.data, [at]),
+                                                                          v16f.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return sub_sums16
+
+
+_sub_sums16_q4_k = _make_sub_sums16(_Q4_K)
+_sub_sums16_q2_k = _make_sub_sums16(_Q2_K)
+
+
+@_kernel()
+def _unpack_codes(w, r0, m, kind, wv, scl):
+    """Rows r0..r0+m-1 of w as unsigned codes and integer sub-block scales in 16-row chunks: wv uint8 (chunks,
+    cols / 4, 16, 4), scl int32 (chunks, sub-blocks, 16); the rows past m stay zero."""
+    nb = w.shape[1]
+    n_subs = _SUBS[kind]
+    for i in prange(m):
+        r, c, lane = r0 + i, i // _TILE16, i % _TILE16
+        for b in range(nb):
+            if kind == _Q4_K:
+                scales, _ = _scales_mins_k4(w, r, b)
+                for k in range(4):
+                    scl[c, b * n_subs + 2 * k, lane] = _byte(scales, 2 * k)
+                    scl[c, b * n_subs + 2 * k + 1, lane] = _byte(scales, 2 * k + 1)
+                    for j in range(32):
+                        q = w[r, b, 16 + 32 * k + j]
+                        e = b * QK_K + 64 * k + j
+                        wv[c, e >> 2, lane, e & 3] = q & 15
+                        wv[c, (e + 32) >> 2, lane, (e + 32) & 3] = q >> 4
+            else:
+                for s in range(16):
+                    scl[c, b * n_subs + s, lane] = np.int32(w[r, b, s]) & 15
+                for h in range(2):
+                    for shift in range(4):
+                        for j in range(32):
+                            e = 128 * h + 32 * shift + j
+                            g = b * QK_K + e
+                            wv[c, g >> 2, lane, g & 3] = (w[r, b, 16 + 32 * h + j] >> (2 * shift)) & 3
+
+
+@_kernel(parallel=True)
+def _group_sums_vnni(xq8, wv, scl, kind, p):
+    """p[g, t, i] for every activation row t and 16-row chunk (see _make_sub_sums16)."""
+    for t in prange(xq8.shape[0]):
+        for c in range(wv.shape[0]):
+            if kind == _Q4_K:
+                _sub_sums16_q4_k(wv[c], scl[c], xq8, t, p, c * _TILE16)
+            else:
+                _sub_sums16_q2_k(wv[c], scl[c], xq8, t, p, c * _TILE16)
 
 
 _WORKSPACE = threading.local()

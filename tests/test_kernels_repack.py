@@ -219,9 +219,18 @@ def test_large_matvec_bit_exact_with_ggml_gemv(qtype, ggml_cpu, rng):
 # Kernel against its numpy reference, and the dispatch
 
 
+def group_sums_by(vnni: bool, monkeypatch) -> None:
+    """The batched product's integer group sums by VNNI byte dot products or by float32 BLAS (same integers)."""
+    if vnni and not KR.HAVE_VNNI:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    monkeypatch.setattr(KR, "HAVE_VNNI", vnni)
+
+
+@pytest.mark.parametrize("vnni", [False, True], ids=["blas", "vnni"])
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n", [4, 6, 11])
-def test_kernel_matches_numpy_reference(qtype, n, rng):
+def test_kernel_matches_numpy_reference(qtype, n, vnni, rng, monkeypatch):
+    group_sums_by(vnni, monkeypatch)
     rows, cols = 32, 768
     data = random_weights(qtype, rows, cols, rng)
     x = random_activations(rng, n, cols)
@@ -233,8 +242,10 @@ def test_kernel_matches_numpy_reference(qtype, n, rng):
     np.testing.assert_array_equal(matvec(w._view, x[-1], K.F16_TO_F32), expected)
 
 
+@pytest.mark.parametrize("vnni", [False, True], ids=["blas", "vnni"])
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda t: t.name)
-def test_tiles_cover_all_rows(qtype, rng, monkeypatch):
+def test_tiles_cover_all_rows(qtype, vnni, rng, monkeypatch):
+    group_sums_by(vnni, monkeypatch)
     rows, cols = 88, 512
     monkeypatch.setattr(KR, "_TILE_BYTES", 4 * 5 * 24 * cols // 64)  # 5 activation rows: tiles of 24 (Q4_K), 48 rows
     data = random_weights(qtype, rows, cols, rng)
