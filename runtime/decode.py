@@ -30,8 +30,7 @@ from .kernels import (QK, QK_K, _block_sums, _dot_q2_k, _dot_q3_k, _dot_q4_0, _d
 from . import kvcache as _kv
 from .kvcache import _reduce_add_16, f32_to_half, ggml_expf, half_to_f32, round_half
 from . import isa as _isa
-from .kernels_avx2 import _dot_vec_q4_0, _dot_vec_q4_0_repacked, _dot_vec_q5_0, _dot_vec_q8_0
-from .kernels_avx2 import dot_q5_1 as _dot_q5_1_avx2
+from .kernels_avx2 import _dot_vec_q4_0, _dot_vec_q4_0_repacked, _dot_vec_q5_0, _dot_vec_q5_1, _dot_vec_q8_0
 
 _AVX2_DOTS = _isa.X86_AVX2_DOTS  # Q4_0/Q5_0/Q8_0/Q5_1 in ggml-cpu's AVX2 order (kernels_avx2.py)
 from . import kernels_kquant_avx2 as _kq_avx2
@@ -210,8 +209,8 @@ def _dot_rows(w, code, r0, r1, act, f16, out, o0):
         for r in range(r0, r1):
             if code == _Q4_1:
                 out[o + r] = _dot_q4_1(w, r, q8_1, d8_1, s8_1, f16, lanes)
-            elif _AVX2_DOTS:  # ggml_vec_dot_q5_1_q8_1's AVX2 order (kernels_avx2.dot_q5_1)
-                out[o + r] = _dot_q5_1_avx2(w, r, q8_1, d8_1, s8_1, f16, lanes)
+            elif _AVX2_DOTS:  # ggml_vec_dot_q5_1_q8_1's AVX2 order (kernels_avx2.dot_q5_1, as vector code)
+                out[o + r] = _dot_vec_q5_1(w, r, q8_1, d8_1, s8_1)
             else:
                 out[o + r] = _dot_q5_1(w, r, q8_1, d8_1, s8_1, f16, lanes)
     elif _AVX2_KQUANT and code != _Q4_K:  # K-quants as kernels_kquant_avx2's matvec kernels

@@ -141,100 +141,119 @@ def dot_q4_0_repacked(w, r, xq, xsum, xd, f16):
 
 def _make_dot_vec(kind, sequential):
     """An intrinsic (w, r, xq, xd) -> float32: row r of w (uint8 (rows, blocks, bytes)) against xq int8 (blocks, 32)
-    C-contiguous with scales xd; kind "Q8_0" / "Q4_0" / "Q5_0"."""
+    C-contiguous with scales xd; kind "Q8_0" / "Q4_0" / "Q5_0". Kind "Q5_1" takes (w, r, xq, xd, xs), xs the Q8_1
+    activation sums: unsigned values (no offset), plus the sum of fma(m_w, xs, mins) over the blocks at the end."""
+    with_mins = kind == "Q5_1"
+    qs_at, qh_at = {"Q8_0": (2, 0), "Q4_0": (2, 0), "Q5_0": (6, 2), "Q5_1": (8, 4)}[kind]
 
-    @intrinsic
-    def dot_vec(typingctx, w, r, xq, xd):
-        sig = types.float32(w, types.int64, xq, xd)
+    def codegen(context, builder, signature, args):
+        w_t, _, xq_t, xd_t = signature.args[:4]
+        w_v, r_v, xq_v, xd_v = args[:4]
+        i8, i16, i32, i64, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+        w_a = context.make_array(w_t)(context, builder, w_v)
+        xq_a = context.make_array(xq_t)(context, builder, xq_v)
+        xd_a = context.make_array(xd_t)(context, builder, xd_v)
+        row_stride, block_stride = (builder.extract_value(w_a.strides, k) for k in (0, 1))
+        nb = builder.extract_value(w_a.shape, 1)
+        w_base = builder.gep(builder.bitcast(w_a.data, i8.as_pointer()), [builder.mul(r_v, row_stride)])
+        xq_base = builder.bitcast(xq_a.data, i8.as_pointer())
+        v8f = ir.VectorType(f32, 8)
 
-        def codegen(context, builder, signature, args):
-            w_t, _, xq_t, xd_t = signature.args
-            w_v, r_v, xq_v, xd_v = args
-            i8, i16, i32, i64, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-            w_a = context.make_array(w_t)(context, builder, w_v)
-            xq_a = context.make_array(xq_t)(context, builder, xq_v)
-            xd_a = context.make_array(xd_t)(context, builder, xd_v)
-            row_stride, block_stride = (builder.extract_value(w_a.strides, k) for k in (0, 1))
-            nb = builder.extract_value(w_a.shape, 1)
-            w_base = builder.gep(builder.bitcast(w_a.data, i8.as_pointer()), [builder.mul(r_v, row_stride)])
-            xq_base = builder.bitcast(xq_a.data, i8.as_pointer())
-            v8f = ir.VectorType(f32, 8)
+        def vec(ty, values):
+            return ir.Constant(ir.VectorType(ty, len(values)), values)
 
-            def vec(ty, values):
-                return ir.Constant(ir.VectorType(ty, len(values)), values)
+        def load(ptr, ty):
+            return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=1)
 
-            def load(ptr, ty):
-                return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=1)
-
-            fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]),
-                                                  "llvm.fma.v8f32")
-            v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
-            if isa.AVX2:
-                psign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
-                                                       "llvm.x86.avx2.psign.b")
-                maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
-                                                         "llvm.x86.avx2.pmadd.ub.sw")
-                madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
-                                                      "llvm.x86.avx2.pmadd.wd")
-            fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
-                                                  "llvm.fma.f32")
-            acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8) if not sequential
-                                            else ir.Constant(f32, 0.0))
-            with cgutils.for_range(builder, nb) as loop:
-                b = loop.index
-                block = builder.gep(w_base, [builder.mul(b, block_stride)])
-                d = builder.fpext(builder.bitcast(load(block, i16), ir.HalfType()), f32)
-                scale = builder.fmul(d, builder.load(builder.gep(xd_a.data, [b])))
-                x8 = load(builder.gep(xq_base, [builder.mul(b, ir.Constant(i64, 32))]), v32i8)
-                if kind == "Q8_0":
-                    q8 = load(builder.gep(block, [ir.Constant(i64, 2)]), v32i8)
-                else:  # bytes_from_nibbles_32 (+ the fifth bits of Q5_0), minus the offset: signed values
-                    qs = load(builder.gep(block, [ir.Constant(i64, 2 if kind == "Q4_0" else 6)]), ir.VectorType(i8, 16))
-                    lo = builder.and_(qs, vec(i8, [15] * 16))
-                    hi = builder.lshr(qs, vec(i8, [4] * 16))
-                    q8 = builder.shuffle_vector(lo, hi, vec(i32, list(range(32))))
-                    if kind == "Q5_0":  # bit j of qh is the fifth bit of element j
-                        # ggml's bytes_from_bits_32: byte j/8 of qh in lane j, tested against bit j%8 (byte lanes;
-                        # 32 shifts of 32-bit lanes took half the time of the whole dot)
-                        qh = load(builder.gep(block, [ir.Constant(i64, 2)]), ir.VectorType(i8, 4))
-                        qh32 = builder.shuffle_vector(qh, ir.Constant(ir.VectorType(i8, 4), None),
-                                                      vec(i32, [j // 8 for j in range(32)]))
-                        masked = builder.and_(qh32, vec(i8, [1 << (j % 8) for j in range(32)]))
-                        bits = builder.icmp_unsigned("!=", masked, vec(i8, [0] * 32))
-                        q8 = builder.or_(q8, builder.select(bits, vec(i8, [16] * 32), vec(i8, [0] * 32)))
+        fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]),
+                                              "llvm.fma.v8f32")
+        v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+        if isa.AVX2:
+            psign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
+                                                   "llvm.x86.avx2.psign.b")
+            maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                                     "llvm.x86.avx2.pmadd.ub.sw")
+            madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                                  "llvm.x86.avx2.pmadd.wd")
+        fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
+                                              "llvm.fma.f32")
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8) if not sequential
+                                        else ir.Constant(f32, 0.0))
+        if with_mins:
+            xs_a = context.make_array(signature.args[4])(context, builder, args[4])
+            mins = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            block = builder.gep(w_base, [builder.mul(b, block_stride)])
+            d = builder.fpext(builder.bitcast(load(block, i16), ir.HalfType()), f32)
+            scale = builder.fmul(d, builder.load(builder.gep(xd_a.data, [b])))
+            if with_mins:  # summs = fma(m_w, s_x, summs), block by block
+                m = builder.fpext(builder.bitcast(load(builder.gep(block, [ir.Constant(i64, 2)]), i16),
+                                                  ir.HalfType()), f32)
+                xs_b = builder.load(builder.gep(xs_a.data, [b]))
+                builder.store(builder.call(fma1, [m, xs_b, builder.load(mins)]), mins)
+            x8 = load(builder.gep(xq_base, [builder.mul(b, ir.Constant(i64, 32))]), v32i8)
+            if kind == "Q8_0":
+                q8 = load(builder.gep(block, [ir.Constant(i64, 2)]), v32i8)
+            else:  # bytes_from_nibbles_32 (+ the fifth bits of Q5_0), minus the offset: signed values
+                qs = load(builder.gep(block, [ir.Constant(i64, qs_at)]), ir.VectorType(i8, 16))
+                lo = builder.and_(qs, vec(i8, [15] * 16))
+                hi = builder.lshr(qs, vec(i8, [4] * 16))
+                q8 = builder.shuffle_vector(lo, hi, vec(i32, list(range(32))))
+                if kind in ("Q5_0", "Q5_1"):  # bit j of qh is the fifth bit of element j
+                    # ggml's bytes_from_bits_32: byte j/8 of qh in lane j, tested against bit j%8 (byte lanes;
+                    # 32 shifts of 32-bit lanes took half the time of the whole dot)
+                    qh = load(builder.gep(block, [ir.Constant(i64, qh_at)]), ir.VectorType(i8, 4))
+                    qh32 = builder.shuffle_vector(qh, ir.Constant(ir.VectorType(i8, 4), None),
+                                                  vec(i32, [j // 8 for j in range(32)]))
+                    masked = builder.and_(qh32, vec(i8, [1 << (j % 8) for j in range(32)]))
+                    bits = builder.icmp_unsigned("!=", masked, vec(i8, [0] * 32))
+                    q8 = builder.or_(q8, builder.select(bits, vec(i8, [16] * 32), vec(i8, [0] * 32)))
+                if kind != "Q5_1":
                     q8 = builder.sub(q8, vec(i8, [8 if kind == "Q4_0" else 16] * 32))
-                # ggml's mul_sum_i8_pairs_float: |q| (unsigned) times y with q's sign, maddubs (byte pairs -> i16),
-                # madd with ones (i16 pairs -> i32): lane l = elements 4l..4l+3, the very instructions ggml runs
-                if isa.AVX2:
-                    ax = builder.call(psign, [q8, q8])
-                    sy = builder.call(psign, [x8, q8])
-                    quads = builder.call(madd, [builder.call(maddubs, [ax, sy]), vec(i16, [1] * 16)])
-                else:  # other CPUs (these orders are x86's, but the kernels must still compile): the same sums
-                    p = builder.sext(builder.mul(builder.sext(q8, ir.VectorType(i16, 32)),
-                                                 builder.sext(x8, ir.VectorType(i16, 32))), ir.VectorType(i32, 32))
-                    pairs = builder.add(builder.shuffle_vector(p, p, vec(i32, list(range(0, 32, 2)))),
-                                        builder.shuffle_vector(p, p, vec(i32, list(range(1, 32, 2)))))
-                    quads = builder.add(builder.shuffle_vector(pairs, pairs, vec(i32, list(range(0, 16, 2)))),
-                                        builder.shuffle_vector(pairs, pairs, vec(i32, list(range(1, 16, 2)))))
-                if sequential:
-                    v = quads  # integer tree sum (exact in any order)
-                    for half in (4, 2, 1):
-                        v = builder.add(builder.shuffle_vector(v, v, vec(i32, list(range(half)))),
-                                        builder.shuffle_vector(v, v, vec(i32, list(range(half, 2 * half)))))
-                    total = builder.extract_element(v, ir.Constant(i32, 0))
-                    builder.store(builder.call(fma1, [builder.sitofp(total, f32), scale, builder.load(acc)]), acc)
-                else:
-                    splat = builder.shuffle_vector(
-                        builder.insert_element(ir.Constant(v8f, None), scale, ir.Constant(i32, 0)),
-                        ir.Constant(v8f, None), vec(i32, [0] * 8))
-                    builder.store(builder.call(fma8, [splat, builder.sitofp(quads, v8f), builder.load(acc)]), acc)
-            result = builder.load(acc)
+            # ggml's mul_sum_i8_pairs_float: |q| (unsigned) times y with q's sign, maddubs (byte pairs -> i16),
+            # madd with ones (i16 pairs -> i32): lane l = elements 4l..4l+3, the very instructions ggml runs
+            if isa.AVX2 and with_mins:  # mul_sum_us8_pairs_float: the values are unsigned already
+                quads = builder.call(madd, [builder.call(maddubs, [q8, x8]), vec(i16, [1] * 16)])
+            elif isa.AVX2:
+                ax = builder.call(psign, [q8, q8])
+                sy = builder.call(psign, [x8, q8])
+                quads = builder.call(madd, [builder.call(maddubs, [ax, sy]), vec(i16, [1] * 16)])
+            else:  # other CPUs (these orders are x86's, but the kernels must still compile): the same sums
+                p = builder.sext(builder.mul(builder.sext(q8, ir.VectorType(i16, 32)),
+                                             builder.sext(x8, ir.VectorType(i16, 32))), ir.VectorType(i32, 32))
+                pairs = builder.add(builder.shuffle_vector(p, p, vec(i32, list(range(0, 32, 2)))),
+                                    builder.shuffle_vector(p, p, vec(i32, list(range(1, 32, 2)))))
+                quads = builder.add(builder.shuffle_vector(pairs, pairs, vec(i32, list(range(0, 16, 2)))),
+                                    builder.shuffle_vector(pairs, pairs, vec(i32, list(range(1, 16, 2)))))
             if sequential:
-                return result
-            lane = [builder.extract_element(result, ir.Constant(i32, k)) for k in range(8)]
-            r = [builder.fadd(lane[4 + k], lane[k]) for k in range(4)]  # hsum_float_8
-            return builder.fadd(builder.fadd(r[0], r[2]), builder.fadd(r[1], r[3]))
-        return sig, codegen
+                v = quads  # integer tree sum (exact in any order)
+                for half in (4, 2, 1):
+                    v = builder.add(builder.shuffle_vector(v, v, vec(i32, list(range(half)))),
+                                    builder.shuffle_vector(v, v, vec(i32, list(range(half, 2 * half)))))
+                total = builder.extract_element(v, ir.Constant(i32, 0))
+                builder.store(builder.call(fma1, [builder.sitofp(total, f32), scale, builder.load(acc)]), acc)
+            else:
+                splat = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(v8f, None), scale, ir.Constant(i32, 0)),
+                    ir.Constant(v8f, None), vec(i32, [0] * 8))
+                builder.store(builder.call(fma8, [splat, builder.sitofp(quads, v8f), builder.load(acc)]), acc)
+        result = builder.load(acc)
+        if sequential:
+            return result
+        lane = [builder.extract_element(result, ir.Constant(i32, k)) for k in range(8)]
+        r = [builder.fadd(lane[4 + k], lane[k]) for k in range(4)]  # hsum_float_8
+        total = builder.fadd(builder.fadd(r[0], r[2]), builder.fadd(r[1], r[3]))
+        return builder.fadd(total, builder.load(mins)) if with_mins else total
+
+    if with_mins:
+        @intrinsic
+        def dot_vec(typingctx, w, r, xq, xd, xs):
+            return types.float32(w, types.int64, xq, xd, xs), codegen
+    else:
+        @intrinsic
+        def dot_vec(typingctx, w, r, xq, xd):
+            return types.float32(w, types.int64, xq, xd), codegen
     return dot_vec
 
 
@@ -242,6 +261,7 @@ _dot_vec_q8_0 = _make_dot_vec("Q8_0", False)
 _dot_vec_q4_0 = _make_dot_vec("Q4_0", False)
 _dot_vec_q5_0 = _make_dot_vec("Q5_0", False)
 _dot_vec_q4_0_repacked = _make_dot_vec("Q4_0", True)
+_dot_vec_q5_1 = _make_dot_vec("Q5_1", False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -337,9 +357,8 @@ def _matvec_q5_1(w, x, f16):
     _quantize_q8_1_cpu(x, xq, xd, xs)
     out = np.empty(w.shape[0], np.float32)
     for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
-        lanes = np.empty(8, np.float32)
         for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
-            out[r] = dot_q5_1(w, r, xq, xd, xs, f16, lanes)
+            out[r] = _dot_vec_q5_1(w, r, xq, xd, xs)  # = dot_q5_1, as LLVM vector code
     return out
 
 

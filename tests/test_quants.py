@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from pathlib import Path
 
 import gguf
@@ -387,17 +386,3 @@ def test_user_errors_raise_llmq_error():
 
 def test_supported_types():
     assert Q.SUPPORTED == {QT.F32, QT.F16, QT.BF16, *BLOCK_TYPES, QT.NVFP4, QT.MXFP4}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# speed
-
-@pytest.mark.slow
-@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
-def test_speed_of_a_576x1536_matrix(qtype):
-    x = heavy_tailed(576, 1536)
-    Q.quantize(x[:2], qtype)  # compile / load the cached kernels
-    start = time.perf_counter()
-    Q.quantize(x, qtype)
-    elapsed = time.perf_counter() - start
-    assert elapsed < (1.0 if qtype in LEGACY else 3.0), f"{qtype.name}: {elapsed:.2f} s"
