@@ -30,7 +30,9 @@ from .kernels import (QK, QK_K, _block_sums, _dot_q2_k, _dot_q3_k, _dot_q4_0, _d
 from . import kvcache as _kv
 from .kvcache import _reduce_add_16, f32_to_half, ggml_expf, half_to_f32, round_half
 from . import isa as _isa
+from .kernels_avx2 import PREFETCH_ROWS as _PREFETCH_ROWS
 from .kernels_avx2 import _dot_vec_q4_0, _dot_vec_q4_0_repacked, _dot_vec_q5_0, _dot_vec_q5_1, _dot_vec_q8_0
+from .kernels_avx2 import _prefetch_row
 
 _AVX2_DOTS = _isa.X86_AVX2_DOTS  # Q4_0/Q5_0/Q8_0/Q5_1 in ggml-cpu's AVX2 order (kernels_avx2.py)
 from . import kernels_kquant_avx2 as _kq_avx2
@@ -176,9 +178,13 @@ def _dot_rows(w, code, r0, r1, act, f16, out, o0):
         repacked = w.shape[0] % 8 == 0  # Q4_0: ggml's repacked gemv order
         if code == _Q4_0 and repacked:
             while r0 + 16 <= r1:  # 16 rows in one vector, as kernels_avx2._matvec_q4_0
+                for k in range(min(16, w.shape[0] - r0 - 16)):
+                    _prefetch_row(w, r0 + 16 + k)
                 _dot_rows16_q4_0_repacked(w, r0, q8_0, sum8_0, d8_0, out, o + r0)
                 r0 += 16
         for r in range(r0, r1):
+            if r + _PREFETCH_ROWS < w.shape[0]:
+                _prefetch_row(w, r + _PREFETCH_ROWS)
             if code == _Q8_0:
                 out[o + r] = _dot_vec_q8_0(w, r, q8_0, d8_0)
             elif code == _Q5_0:
@@ -217,6 +223,8 @@ def _dot_rows(w, code, r0, r1, act, f16, out, o0):
         lanes = np.empty(8, np.float32)
         prod = np.empty(QK_K, np.int32)
         for r in range(r0, r1):
+            if r + _PREFETCH_ROWS < w.shape[0]:
+                _prefetch_row(w, r + _PREFETCH_ROWS)
             if code == _Q6_K:
                 out[o + r] = dot_q6_k_avx2(w, r, q8_k, d8_k, bsums8_k, f16, lanes, prod)
             elif code == _Q5_K:

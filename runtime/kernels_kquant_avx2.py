@@ -55,6 +55,7 @@ from numba.extending import intrinsic
 from . import isa
 from . import kernels_repack as _repack
 from . import kernels_tiled as _tiled
+from .kernels_avx2 import PREFETCH_ROWS, _prefetch_row
 from .kernels import (QK_K, _byte, _f16_at, _fma, _hsum_float_8, _jit_inline, _kernel, _quantize_q8_k, _scale_q3_k,
                       _scales_mins_k4)
 from .kernels_repack import REPACK_ROWS, _gemv_dot_q2_k, _gemv_dot_q4_k
@@ -391,6 +392,8 @@ def _repacking_matvec(qtype):
             lanes = np.empty(8, np.float32)
             prod = np.empty(QK_K, np.int32)
             for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
+                if r + PREFETCH_ROWS < w.shape[0]:
+                    _prefetch_row(w, r + PREFETCH_ROWS)
                 if q4_k:
                     if repacked:
                         out[r] = _gemv_dot_q4_k(w, r, xq, xd, xbsums, f16)
