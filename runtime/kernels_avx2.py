@@ -139,6 +139,18 @@ def dot_q4_0_repacked(w, r, xq, xsum, xd, f16):
 #   sequential:   acc = fma(float(sum of the 8 lane sums), d_w * d_x, acc)
 
 
+def _avx2_byte_dot_intrinsics(builder):
+    """vpsignb, vpmaddubsw, vpmaddwd: ggml's AVX2 byte products (mul_sum_i8_pairs_float and its unsigned form)."""
+    i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+    v32b, v16w, v8i = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+
+    def declare(name, result, operands):
+        return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, operands), name)
+    return (declare("llvm.x86.avx2.psign.b", v32b, [v32b, v32b]),
+            declare("llvm.x86.avx2.pmadd.ub.sw", v16w, [v32b, v32b]),
+            declare("llvm.x86.avx2.pmadd.wd", v8i, [v16w, v16w]))
+
+
 def _make_dot_vec(kind, sequential):
     """An intrinsic (w, r, xq, xd) -> float32: row r of w (uint8 (rows, blocks, bytes)) against xq int8 (blocks, 32)
     C-contiguous with scales xd; kind "Q8_0" / "Q4_0" / "Q5_0". Kind "Q5_1" takes (w, r, xq, xd, xs), xs the Q8_1
@@ -167,14 +179,9 @@ def _make_dot_vec(kind, sequential):
 
         fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]),
                                               "llvm.fma.v8f32")
-        v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+        v32i8 = ir.VectorType(i8, 32)
         if isa.AVX2:
-            psign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
-                                                   "llvm.x86.avx2.psign.b")
-            maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
-                                                     "llvm.x86.avx2.pmadd.ub.sw")
-            madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
-                                                  "llvm.x86.avx2.pmadd.wd")
+            psign, maddubs, madd = _avx2_byte_dot_intrinsics(builder)
         fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
                                               "llvm.fma.f32")
         acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8) if not sequential
@@ -473,12 +480,7 @@ def _make_gemm_tile(rm, rn, sequential):
             w_rows = [builder.mul(builder.add(i0_v, c64(i)), nb) for i in range(rm)]
             x_rows = [builder.mul(builder.add(t0_v, c64(t)), nb) for t in range(rn)]
 
-            psign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32b, [v32b, v32b]),
-                                                   "llvm.x86.avx2.psign.b")
-            maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16w, [v32b, v32b]),
-                                                     "llvm.x86.avx2.pmadd.ub.sw")
-            maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v16w, v16w]),
-                                                    "llvm.x86.avx2.pmadd.wd")
+            psign, maddubs, maddwd = _avx2_byte_dot_intrinsics(builder)
             fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]),
                                                   "llvm.fma.v8f32")
             fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]),
