@@ -28,6 +28,7 @@ from .kernels import (QK, QK_K, _block_sums, _dot_q2_k, _dot_q3_k, _dot_q4_0, _d
                       _dot_rows16_q8_0, _jit, _kernel, _quantize_q8_0_cpu,
                       _quantize_q8_1_cpu, _quantize_q8_k)
 from . import kvcache as _kv
+from .gemm_int8 import splat16 as _splat16
 from .kvcache import _reduce_add_16, f32_to_half, ggml_expf, half_to_f32, round_half
 from . import isa as _isa
 from .kernels_avx2 import PREFETCH_ROWS as _PREFETCH_ROWS
@@ -178,13 +179,12 @@ def _dot_rows(w, code, r0, r1, act, f16, out, o0):
         repacked = w.shape[0] % 8 == 0  # Q4_0: ggml's repacked gemv order
         if code == _Q4_0 and repacked:
             while r0 + 16 <= r1:  # 16 rows in one vector, as kernels_avx2._matvec_q4_0
-                for k in range(min(16, w.shape[0] - r0 - 16)):
+                for k in range(16):
                     _prefetch_row(w, r0 + 16 + k)
                 _dot_rows16_q4_0_repacked(w, r0, q8_0, sum8_0, d8_0, out, o + r0)
                 r0 += 16
         for r in range(r0, r1):
-            if r + _PREFETCH_ROWS < w.shape[0]:
-                _prefetch_row(w, r + _PREFETCH_ROWS)
+            _prefetch_row(w, r + _PREFETCH_ROWS)
             if code == _Q8_0:
                 out[o + r] = _dot_vec_q8_0(w, r, q8_0, d8_0)
             elif code == _Q5_0:
@@ -223,8 +223,7 @@ def _dot_rows(w, code, r0, r1, act, f16, out, o0):
         lanes = np.empty(8, np.float32)
         prod = np.empty(QK_K, np.int32)
         for r in range(r0, r1):
-            if r + _PREFETCH_ROWS < w.shape[0]:
-                _prefetch_row(w, r + _PREFETCH_ROWS)
+            _prefetch_row(w, r + _PREFETCH_ROWS)
             if code == _Q6_K:
                 out[o + r] = dot_q6_k_avx2(w, r, q8_k, d8_k, bsums8_k, f16, lanes, prod)
             elif code == _Q5_K:
@@ -379,18 +378,10 @@ def _key_scores16(typingctx, q, q0, keys, j0, col, d, scale, scores):
             for acc, prod in zip(accs, products(builder.mul(chunk, ir.Constant(i64, _LANES)))):
                 builder.store(builder.fadd(builder.load(acc), prod), acc)
         sums = _emit_reduce_add_16_x16(builder, [builder.load(acc) for acc in accs])
-        v16, i32 = ir.VectorType(ir.FloatType(), _LANES), ir.IntType(32)
-        one = builder.insert_element(ir.Constant(v16, None), scale_, ir.Constant(i32, 0))
-        splat = builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES))
-        builder.store(builder.fmul(sums, splat), _f32_row16_ptr(builder, context, st, sv, row0), align=4)
+        builder.store(builder.fmul(sums, _splat16(builder, scale_)), _f32_row16_ptr(builder, context, st, sv, row0),
+                      align=4)
         return context.get_dummy_value()
     return sig, codegen
-
-
-def _splat16(builder, x):
-    v16, i32 = ir.VectorType(x.type, _LANES), ir.IntType(32)
-    one = builder.insert_element(ir.Constant(v16, None), x, ir.Constant(i32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, _LANES), [0] * _LANES))
 
 
 def _emit_ggml_expf16(builder, x):

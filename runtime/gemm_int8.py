@@ -35,6 +35,20 @@ TILE = 16
 HAVE_VNNI = "+avx512vnni" in llvm.get_host_cpu_features().flatten().split(",")
 
 
+def splat16(builder, x):
+    """<16 x T> with every lane x (a value of type T)."""
+    v16, i32 = ir.VectorType(x.type, TILE), ir.IntType(32)
+    one = builder.insert_element(ir.Constant(v16, None), x, ir.Constant(i32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, TILE), [0] * TILE))
+
+
+def declare_vpdpbusd(builder):
+    """llvm.x86.avx512.vpdpbusd.512 (acc, unsigned bytes, signed bytes) -> acc + the 4-product sum per i32 lane."""
+    v16i = ir.VectorType(ir.IntType(32), TILE)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
+                                          "llvm.x86.avx512.vpdpbusd.512")
+
+
 def _make_dot_tile16(n_act):
     """An intrinsic (xq, xc, xcs, xd, xs, wv, wd, wm, t, sequential, with_min, out): out[t + a, 0:16] = activation
     row t + a (a < n_act) against one 16-row weight tile, in _gemm_q32_tile's float order. Several activation rows
@@ -70,15 +84,12 @@ def _make_dot_tile16(n_act):
             wd_p = builder.bitcast(wd_a.data, v16f.as_pointer())
             wm_p = builder.bitcast(data(7, wm_v).data, v16f.as_pointer())
 
-            dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
-                                                    "llvm.x86.avx512.vpdpbusd.512")
+            dpbusd = declare_vpdpbusd(builder)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]),
                                                  "llvm.fma.v16f32")
 
-            def splat(ptr, index, vty):
-                one = builder.insert_element(ir.Constant(vty, None), builder.load(builder.gep(ptr, [index])),
-                                             ir.Constant(i32, 0))
-                return builder.shuffle_vector(one, ir.Constant(vty, None), ir.Constant(v16i, [0] * 16))
+            def splat(ptr, index):
+                return splat16(builder, builder.load(builder.gep(ptr, [index])))
 
             zero = ir.Constant(v16f, [0.0] * 16)
             lanes = [[cgutils.alloca_once_value(builder, zero) for _ in range(8)] for _ in range(n_act)]
@@ -87,16 +98,16 @@ def _make_dot_tile16(n_act):
                 b = loop.index
                 b8 = builder.mul(b, const(8))
                 wd_b = builder.load(builder.gep(wd_p, [b]), align=4)
-                scales = [builder.fmul(wd_b, splat(xd_rows[a], b, v16f)) for a in range(n_act)]
+                scales = [builder.fmul(wd_b, splat(xd_rows[a], b)) for a in range(n_act)]
 
                 def dot4(a, l, acc, w):  # acc + (sum over k of wv[b, l, :, k] * x[4l + k]), 16 weight rows
-                    return builder.call(dpbusd, [acc, w, splat(xq_rows[a], builder.add(b8, const(l)), v16i)])
+                    return builder.call(dpbusd, [acc, w, splat(xq_rows[a], builder.add(b8, const(l)))])
 
                 with builder.if_else(seq_v) as (then, otherwise):
                     with then:
                         # two dependency chains (lanes 0-3, 4-7): vpdpbusd's latency, not its throughput, would
                         # otherwise bound the loop
-                        isums = [[splat(xcs_rows[a], b, v16i), ir.Constant(v16i, [0] * 16)] for a in range(n_act)]
+                        isums = [[splat(xcs_rows[a], b), ir.Constant(v16i, [0] * 16)] for a in range(n_act)]
                         for l in range(8):
                             w = builder.load(builder.gep(wv_p, [builder.add(b8, const(l))]), align=4)
                             for a in range(n_act):
@@ -110,13 +121,13 @@ def _make_dot_tile16(n_act):
                         for l in range(8):
                             w = builder.load(builder.gep(wv_p, [builder.add(b8, const(l))]), align=4)
                             for a in range(n_act):
-                                s = dot4(a, l, splat(xc_rows[a], builder.add(b8, const(l)), v16i), w)
+                                s = dot4(a, l, splat(xc_rows[a], builder.add(b8, const(l))), w)
                                 builder.store(builder.call(fma, [scales[a], builder.sitofp(s, v16f),
                                                                  builder.load(lanes[a][l])]), lanes[a][l])
                 with builder.if_then(min_v):
                     wm_b = builder.load(builder.gep(wm_p, [b]), align=4)
                     for a in range(n_act):
-                        builder.store(builder.call(fma, [wm_b, splat(xs_rows[a], b, v16f),
+                        builder.store(builder.call(fma, [wm_b, splat(xs_rows[a], b),
                                                          builder.load(mins[a])]), mins[a])
 
             out_a = data(11, out_v)

@@ -266,22 +266,27 @@ def _make_dot_vec(kind, sequential):
 
 @intrinsic
 def _prefetch_row(typingctx, w, r):
-    """Ask for row r of w (uint8 (rows, blocks, bytes), C-contiguous) to be brought into the cache. Decode reads
-    each weight once, from memory: the hardware prefetcher alone left the dots waiting on it (the output head ran at
-    a third of the read bandwidth)."""
+    """Ask for row r of w (uint8 (rows, blocks, bytes), C-contiguous) to be brought into the cache; nothing when w
+    has no row r (callers ask for a row a few ahead of the one they compute). Decode reads each weight once, from
+    memory: the hardware prefetcher alone left the dots waiting on it (the output head ran at a third of the read
+    bandwidth)."""
     sig = types.void(w, types.int64)
 
     def codegen(context, builder, signature, args):
-        i8, i32 = ir.IntType(8), ir.IntType(32)
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
         w_a = context.make_array(signature.args[0])(context, builder, args[0])
-        row_stride = builder.extract_value(w_a.strides, 0)
-        base = builder.gep(builder.bitcast(w_a.data, i8.as_pointer()), [builder.mul(args[1], row_stride)])
-        prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0i8")
-        with cgutils.for_range_slice(builder, ir.Constant(ir.IntType(64), 0), row_stride,
-                                     ir.Constant(ir.IntType(64), 64)) as (offset, _):
-            builder.call(prefetch, [builder.gep(base, [offset]), ir.Constant(i32, 0), ir.Constant(i32, 3),
-                                    ir.Constant(i32, 1)])
+        row = args[1]
+        rows = builder.extract_value(w_a.shape, 0)
+        in_range = builder.and_(builder.icmp_signed(">=", row, ir.Constant(i64, 0)),
+                                builder.icmp_signed("<", row, rows))
+        with builder.if_then(in_range):
+            row_stride = builder.extract_value(w_a.strides, 0)
+            base = builder.gep(builder.bitcast(w_a.data, i8.as_pointer()), [builder.mul(row, row_stride)])
+            prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0i8")
+            with cgutils.for_range_slice(builder, ir.Constant(i64, 0), row_stride, ir.Constant(i64, 64)) as (offset, _):
+                builder.call(prefetch, [builder.gep(base, [offset]), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                                        ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return sig, codegen
 
@@ -309,8 +314,7 @@ def _matvec_q8_0(w, x, f16):
     out = np.empty(w.shape[0], np.float32)
     for task in prange((w.shape[0] + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
         for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
-            if r + PREFETCH_ROWS < w.shape[0]:
-                _prefetch_row(w, r + PREFETCH_ROWS)
+            _prefetch_row(w, r + PREFETCH_ROWS)
             out[r] = _dot_vec_q8_0(w, r, xq, xd)
     return out
 

@@ -392,8 +392,7 @@ def _repacking_matvec(qtype):
             lanes = np.empty(8, np.float32)
             prod = np.empty(QK_K, np.int32)
             for r in range(task * _ROWS_PER_TASK, min(w.shape[0], (task + 1) * _ROWS_PER_TASK)):
-                if r + PREFETCH_ROWS < w.shape[0]:
-                    _prefetch_row(w, r + PREFETCH_ROWS)
+                _prefetch_row(w, r + PREFETCH_ROWS)
                 if q4_k:
                     if repacked:
                         out[r] = _gemv_dot_q4_k(w, r, xq, xd, xbsums, f16)

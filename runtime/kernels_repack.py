@@ -46,7 +46,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemm_int8 import HAVE_VNNI
+from .gemm_int8 import HAVE_VNNI, declare_vpdpbusd, splat16
 from .kernels import (QK_K, _byte, _dot_q2_k, _dot_q4_k, _f16_at, _fma, _jit, _kernel, _quantize_q8_k,
                       _scales_mins_k4)
 
@@ -300,15 +300,11 @@ def _make_sub_sums16(kind):
             cols = builder.extract_value(x_a.shape, 1)
             n = builder.extract_value(x_a.shape, 0)
             p_cols = builder.extract_value(p_a.shape, 2)
-            dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
-                                                    "llvm.x86.avx512.vpdpbusd.512")
+            dpbusd = declare_vpdpbusd(builder)
             x_row = builder.bitcast(builder.gep(x_a.data, [builder.mul(t_, cols)]), i32.as_pointer())
             w_quads = builder.bitcast(wv_a.data, v16i.as_pointer())
             groups = builder.udiv(cols, ir.Constant(i64, 4 * sub_quads * subs_per_group))
 
-            def splat(x):
-                one = builder.insert_element(ir.Constant(v16i, None), x, ir.Constant(i32, 0))
-                return builder.shuffle_vector(one, one, ir.Constant(v16i, [0] * _TILE16))
             with cgutils.for_range(builder, groups) as loop:
                 g = loop.index
                 gsum = ir.Constant(v16i, [0] * _TILE16)
@@ -318,7 +314,8 @@ def _make_sub_sums16(kind):
                     for qk in range(sub_quads):
                         q = builder.add(builder.mul(sub, ir.Constant(i64, sub_quads)), ir.Constant(i64, qk))
                         quad = builder.load(builder.gep(x_row, [q]), align=1)
-                        raw = builder.call(dpbusd, [raw, builder.load(builder.gep(w_quads, [q]), align=1), splat(quad)])
+                        weights = builder.load(builder.gep(w_quads, [q]), align=1)
+                        raw = builder.call(dpbusd, [raw, weights, splat16(builder, quad)])
                     scale = builder.load(builder.bitcast(builder.gep(scl_a.data, [builder.mul(sub, ir.Constant(
                         i64, _TILE16))]), v16i.as_pointer()), align=4)
                     gsum = builder.add(gsum, builder.mul(scale, raw))

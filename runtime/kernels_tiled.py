@@ -48,7 +48,7 @@ from numba.extending import intrinsic
 
 from .kernels import (QK_K, _byte, _f16_at, _fma, _jit_inline, _kernel, _matvec_q2_k, _matvec_q3_k, _matvec_q4_k,
                       _matvec_q5_k, _matvec_q6_k, _quantize_q8_k, _scale_q3_k, _scales_mins_k4)
-from .gemm_int8 import HAVE_VNNI
+from .gemm_int8 import HAVE_VNNI, declare_vpdpbusd, splat16
 
 TILED_MIN_BATCH = 8  # ggml_tiled_min_batch: fewer activation rows go through ggml_vec_dot
 _SUB = 16             # elements per integer sub-sum here (Q4_K/Q5_K's 32-element sub-blocks are two of them)
@@ -228,17 +228,12 @@ def _make_slab_tile16(with_min):
             wv_a, sc_a, mn_a, d_a, ndmin_a, y8_a, ybs_a, yd_a, acc_a = arrays
             bias_ = args[8]
             n = builder.extract_value(y8_a.shape, 0)
-            dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
-                                                    "llvm.x86.avx512.vpdpbusd.512")
+            dpbusd = declare_vpdpbusd(builder)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]),
                                                  "llvm.fma.v16f32")
 
             def vec_at(arr, index, ty):  # the 16 values at flat element `index` of arr
                 return builder.load(builder.bitcast(builder.gep(arr.data, [index]), ty.as_pointer()), align=4)
-
-            def splat(x, ty):
-                one = builder.insert_element(ir.Constant(ty, None), x, ir.Constant(i32, 0))
-                return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, _TILE16), [0] * _TILE16))
 
             wq = [builder.load(builder.bitcast(builder.gep(wv_a.data, [ir.Constant(i64, 64 * q)]), v16i.as_pointer()),
                                align=1) for q in range(64)]  # the whole slab of 16 rows: 64 vectors (4 KiB)
@@ -256,21 +251,21 @@ def _make_slab_tile16(with_min):
                 s2 = ir.Constant(v16i, [0] * _TILE16)
                 for s in range(16):
                     bsum = builder.load(builder.gep(bs_row, [ir.Constant(i64, s)]))
-                    raw = splat(builder.mul(neg_bias, bsum), v16i)
+                    raw = splat16(builder, builder.mul(neg_bias, bsum))
                     for q in range(4 * s, 4 * s + 4):
                         quad = builder.load(builder.gep(y_row, [ir.Constant(i64, q)]), align=1)
-                        raw = builder.call(dpbusd, [raw, wq[q], splat(quad, v16i)])
+                        raw = builder.call(dpbusd, [raw, wq[q], splat16(builder, quad)])
                     s1 = builder.add(s1, builder.mul(scales[s], raw))
                     if with_min:
-                        s2 = builder.add(s2, builder.mul(mins[s], splat(bsum, v16i)))
+                        s2 = builder.add(s2, builder.mul(mins[s], splat16(builder, bsum)))
                 result = builder.fmul(builder.sitofp(s1, v16f), d16)
                 if with_min:
                     result = builder.call(fma, [ndmin16, builder.sitofp(s2, v16f), result])
                 out_ptr = builder.bitcast(builder.gep(acc_a.data, [builder.mul(t, ir.Constant(i64, 16))]),
                                           v16f.as_pointer())
                 yd_t = builder.load(builder.gep(yd_a.data, [t]))
-                builder.store(builder.call(fma, [result, splat(yd_t, v16f), builder.load(out_ptr, align=4)]), out_ptr,
-                              align=4)
+                updated = builder.call(fma, [result, splat16(builder, yd_t), builder.load(out_ptr, align=4)])
+                builder.store(updated, out_ptr, align=4)
             return context.get_dummy_value()
         return sig, codegen
     return slab_tile16
